@@ -1,4 +1,11 @@
-"""pl-pathsgd: Path-SGD, path-norm geometry and PyTorch Lightning integration."""
+"""pl-pathsgd: Path-SGD, path-norm geometry and PyTorch Lightning integration.
+
+The path geometry and the optimizer need only PyTorch; the Lightning parts (``PathSGDMixin``,
+``PathSGDClassifier``, ``PaperSchedule``, :mod:`pl_pathsgd.callbacks`, :mod:`pl_pathsgd.data`)
+import Lightning when first used.
+"""
+
+from importlib import import_module
 
 from pl_pathsgd.optim import PathSGD
 from pl_pathsgd.paths import (
@@ -17,9 +24,22 @@ from pl_pathsgd.paths import (
 
 __version__ = "0.1.0"
 
+_LIGHTNING_EXPORTS = {"PathSGDMixin": "pl_pathsgd.module", "PathSGDClassifier": "pl_pathsgd.module",
+                      "PaperSchedule": "pl_pathsgd.module"}
+
+
+def __getattr__(name: str):
+    if name in _LIGHTNING_EXPORTS:
+        return getattr(import_module(_LIGHTNING_EXPORTS[name]), name)
+    raise AttributeError(f"module 'pl_pathsgd' has no attribute {name!r}")
+
+
 __all__ = [
+    "PaperSchedule",
     "PathGeometryError",
     "PathSGD",
+    "PathSGDClassifier",
+    "PathSGDMixin",
     "UnsupportedModelError",
     "balance",
     "balanced_init_",

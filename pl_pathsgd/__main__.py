@@ -1,0 +1,5 @@
+"""``python -m pl_pathsgd`` runs the ``pl-pathsgd`` command line."""
+
+from pl_pathsgd.cli import main
+
+main()

@@ -1,0 +1,50 @@
+"""The paper's feed-forward ReLU networks and a small conv net, all supported by the path geometry."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+
+class MLP(nn.Sequential):
+    """Feed-forward ReLU network: Linear -> ReLU [-> Dropout] for each hidden width, then a Linear.
+
+    The paper's nets have two hidden layers of 4000 units (``hidden=(4000, 4000)``) and, in some
+    experiments, dropout with keep probability 0.5 (``dropout=0.5``). Inputs are flat vectors.
+    """
+
+    def __init__(self, input_dim: int, hidden: Sequence[int] = (4000, 4000), num_classes: int = 10,
+                 dropout: float = 0.0):
+        if input_dim < 1 or num_classes < 1 or any(h < 1 for h in hidden):
+            raise ValueError(f"MLP sizes must be positive: input_dim={input_dim}, hidden={list(hidden)}, "
+                             f"num_classes={num_classes}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout is a drop probability in [0, 1), got {dropout}")
+        layers: list[nn.Module] = []
+        width = input_dim
+        for size in hidden:
+            layers += [nn.Linear(width, size), nn.ReLU()]
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            width = size
+        layers.append(nn.Linear(width, num_classes))
+        super().__init__(*layers)
+
+
+class ConvNet(nn.Sequential):
+    """A small conv net: [Conv3x3 -> ReLU -> MaxPool2] per channel width, then global average pooling and a Linear.
+
+    Takes images of shape ``(in_channels, H, W)``.
+    """
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 10, channels: Sequence[int] = (32, 64)):
+        if in_channels < 1 or num_classes < 1 or not channels or any(c < 1 for c in channels):
+            raise ValueError(f"ConvNet sizes must be positive: in_channels={in_channels}, channels={list(channels)}")
+        layers: list[nn.Module] = []
+        width = in_channels
+        for size in channels:
+            layers += [nn.Conv2d(width, size, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True)]
+            width = size
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes)]
+        super().__init__(*layers)
