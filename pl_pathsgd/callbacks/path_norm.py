@@ -1,0 +1,113 @@
+"""PathNormMonitor: log the l_p path-norms of the network during training."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks.callback import Callback
+from torch import Tensor
+from typing_extensions import override
+
+from pl_pathsgd.callbacks._common import NetworkGeometry, check_input_shape, is_number, p_label, require_logger
+from pl_pathsgd.paths.norms import path_norm_of
+
+
+class PathNormMonitor(Callback):
+    r"""Log the l_p path-norms phi_p(w) of the network being trained.
+
+    phi_p(w) = (sum over input->output paths of prod_e |w_e|^p)^(1/p), phi_inf the largest path product
+    (biases are edges from a constant unit).  The network is traced once, at the start of fit, and every
+    measurement is one forward pass of its path twin at batch size 1 on the current weights.
+
+    Logged keys: ``path_norm/p1``, ``path_norm/p2``, ``path_norm/pinf`` for the default ``p``; in general
+    ``path_norm/p<p>`` (``p3``, ``p1.5``).  With ``logging_interval="epoch"`` they are logged at the end of
+    every training epoch; with ``"step"`` after every training batch.  The values are computed in float64
+    from the weights, which are the same on every process under DDP, so no reduction is needed.
+
+    Works with any LightningModule: the network is ``pl_module.path_network`` if defined, else the module
+    itself (whose ``forward`` takes the input batch).
+
+    Args:
+        p: one value or several, each ``>= 1`` or ``math.inf``.
+        logging_interval: ``"epoch"`` or ``"step"``.
+        input_shape: shape of one example without the batch dimension. Default: ``pl_module.path_input_shape``,
+            else the shape of the first training batch's inputs, else inferred from a leading ``Linear`` layer.
+
+    Raises:
+        ValueError: for an invalid ``p``, a repeated ``p``, or an unknown ``logging_interval``.
+        MisconfigurationException: when the Trainer has no logger.
+        UnsupportedModelError: at the start of fit, when the network has layers without a path decomposition.
+
+    Example::
+
+        trainer = Trainer(callbacks=[PathNormMonitor(p=(1, 2, math.inf))], logger=CSVLogger("logs"))
+    """
+
+    def __init__(
+        self,
+        p: float | Iterable[float] = (1, 2, math.inf),
+        logging_interval: Literal["epoch", "step"] = "epoch",
+        input_shape: tuple[int, ...] | None = None,
+    ):
+        values = [p] if is_number(p) else list(p) if isinstance(p, Iterable) and not isinstance(p, str) else [p]
+        if not values:
+            raise ValueError("PathNormMonitor(p=...) needs at least one p")
+        for value in values:
+            if not is_number(value) or math.isnan(value) or value < 1:
+                raise ValueError(f"PathNormMonitor(p={p!r}): every p must be a number >= 1 or math.inf, got {value!r}")
+        self.p: tuple[float, ...] = tuple(math.inf if math.isinf(v) else float(v) for v in values)
+        if len(set(self.p)) != len(self.p):
+            raise ValueError(f"PathNormMonitor(p={p!r}) repeats a value")
+        if logging_interval not in ("epoch", "step"):
+            raise ValueError(f"PathNormMonitor(logging_interval={logging_interval!r}): use 'epoch' or 'step'")
+        self.logging_interval = logging_interval
+        self.input_shape = check_input_shape(input_shape, "PathNormMonitor")
+        self.keys = {v: f"path_norm/{p_label(v)}" for v in self.p}
+        self._geometry = NetworkGeometry(self.input_shape)
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(p=self.p, logging_interval=self.logging_interval)
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            require_logger(trainer, type(self).__name__)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # after configure_model, so the network is complete; fails early for an unsupported network
+        self._geometry.reset()
+        self._geometry.check(pl_module)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._geometry.observe(batch)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.logging_interval == "step":
+            for key, value in self.compute(pl_module).items():
+                pl_module.log(key, value, on_step=True, on_epoch=False)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.logging_interval == "epoch":
+            for key, value in self.compute(pl_module).items():
+                # identical on every rank; sync_dist averages equal values (and keeps Lightning's DDP contract)
+                pl_module.log(key, value, on_step=False, on_epoch=True, sync_dist=True)
+
+    def compute(self, pl_module: pl.LightningModule) -> dict[str, Tensor]:
+        """The path-norms of the network's current weights, ``{logged key: float64 scalar}``."""
+        graph = self._geometry.get(pl_module)
+        with torch.no_grad():
+            return {self.keys[p]: path_norm_of(graph, p, dtype=torch.float64) for p in self.p}

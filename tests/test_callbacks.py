@@ -1,0 +1,485 @@
+"""The Lightning callbacks, on a plain LightningModule that uses no pl_pathsgd mixin."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import glob
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import pl_pathsgd as P
+from pl_pathsgd.callbacks import (
+    EpochErrorMonitor,
+    InvarianceViolationError,
+    PathNormMonitor,
+    RescalingInvarianceCheck,
+    TensorBoardExtras,
+)
+from pl_pathsgd.callbacks._common import p_label
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:.*(log_every_n_steps|does not have many workers|LeafSpec|litlogger|litmodels|no `validation_step`).*"
+)
+
+N, FEATURES, CLASSES = 64, 5, 3
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+def dataset(seed: int = 0, n: int = N, dtype=torch.float32) -> TensorDataset:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, FEATURES, generator=generator, dtype=dtype)
+    y = torch.randint(CLASSES, (n,), generator=generator)
+    return TensorDataset(x, y)
+
+
+def mlp(dropout: float = 0.0) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(FEATURES, 16), nn.ReLU(), nn.Dropout(dropout), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, CLASSES)
+    )
+
+
+class Classifier(pl.LightningModule):
+    """A plain LightningModule: forward gives logits, SGD or PathSGD in configure_optimizers."""
+
+    def __init__(self, optimizer: str = "sgd", lr: float = 0.1, weight_decay: float = 0.0, dropout: float = 0.0,
+                 network: nn.Module | None = None):
+        super().__init__()
+        self.save_hyperparameters(ignore=["network"])
+        torch.manual_seed(0)
+        self.net = network if network is not None else mlp(dropout)
+        self.train_mode_seen_at_epoch_end: list[bool] = []
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log("step_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_step_loss", nn.functional.cross_entropy(self(x), y))
+
+    def on_train_epoch_end(self):
+        self.train_mode_seen_at_epoch_end.append(self.training)
+
+    def configure_optimizers(self):
+        if self.hparams.optimizer == "pathsgd":
+            return P.PathSGD(self.parameters(), lr=self.hparams.lr, model=self, weight_decay=self.hparams.weight_decay)
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+
+def trainer(tmp_path, callbacks, logger="csv", max_epochs=2, **kwargs) -> pl.Trainer:
+    if logger == "csv":
+        logger = CSVLogger(tmp_path, name="csv")
+    elif logger == "tb":
+        logger = TensorBoardLogger(tmp_path, name="tb")
+    options = dict(max_epochs=max_epochs, limit_train_batches=3, default_root_dir=tmp_path, enable_progress_bar=False,
+                   enable_model_summary=False, enable_checkpointing=False, logger=logger, callbacks=callbacks,
+                   accelerator="cpu", devices=1)
+    options.update(kwargs)
+    return pl.Trainer(**options)
+
+
+def loaders(batch_size: int = 16, shuffle: bool = False, dtype=torch.float32):
+    train = DataLoader(dataset(0, dtype=dtype), batch_size=batch_size, shuffle=shuffle)
+    val = DataLoader(dataset(1, n=40, dtype=dtype), batch_size=batch_size)
+    return train, val
+
+
+def read_csv(trainer_: pl.Trainer) -> dict[str, list[tuple[int, int, float]]]:
+    """metric -> [(epoch, step, value)] from the CSVLogger's metrics.csv."""
+    columns: dict[str, list[tuple[int, int, float]]] = {}
+    with open(f"{trainer_.logger.log_dir}/metrics.csv") as handle:
+        for row in csv.DictReader(handle):
+            for key, value in row.items():
+                if key not in ("epoch", "step") and value != "":
+                    columns.setdefault(key, []).append((int(row["epoch"]), int(row["step"]), float(value)))
+    return columns
+
+
+def zero_one_error(model: nn.Module, data: TensorDataset) -> float:
+    model.eval()
+    with torch.no_grad():
+        x, y = data.tensors
+        return int((model(x).argmax(1) != y).sum()) / len(y)
+
+
+# ----------------------------------------------------------------------------- PathNormMonitor
+
+
+def test_path_norm_monitor_logs_the_path_norms_of_the_final_weights_each_epoch(tmp_path):
+    model = Classifier()
+    monitor = PathNormMonitor(p=(1, 2, math.inf, 1.5))
+    run = trainer(tmp_path, [monitor])
+    run.fit(model, *loaders())
+    logged = read_csv(run)
+    assert set(monitor.keys.values()) == {"path_norm/p1", "path_norm/p2", "path_norm/pinf", "path_norm/p1.5"}
+    for p in (1, 2, math.inf, 1.5):
+        values = logged[f"path_norm/{p_label(p)}"]
+        assert [epoch for epoch, _, _ in values] == [0, 1]
+        assert values[-1][2] == pytest.approx(float(P.path_norm(model.net, p)), rel=1e-9)
+    assert logged["path_norm/p2"][0][2] != logged["path_norm/p2"][1][2]  # measured after each epoch, not once
+    assert float(run.callback_metrics["path_norm/p2"]) == pytest.approx(float(P.path_norm(model, 2)), rel=1e-9)
+
+
+def test_path_norm_monitor_step_interval_logs_every_batch(tmp_path):
+    model = Classifier()
+    run = trainer(tmp_path, [PathNormMonitor(p=2, logging_interval="step")], max_epochs=1, log_every_n_steps=1)
+    run.fit(model, *loaders())
+    values = read_csv(run)["path_norm/p2"]
+    assert [step for _, step, _ in values] == [0, 1, 2]
+    assert len({value for _, _, value in values}) == 3
+    assert values[-1][2] == pytest.approx(float(P.path_norm(model, 2)), rel=1e-9)
+    assert "path_norm/p1" not in read_csv(run)
+
+
+class TrainOnly(pl.LightningModule):
+    """A minimal LightningModule: no validation_step, no hyper-parameters."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = mlp()
+
+    def forward(self, x):
+        return self.body(x)
+
+    def training_step(self, batch, batch_idx):
+        return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class FlattenFirst(TrainOnly):
+    """forward flattens (N, 1, 5) inputs: the input shape cannot be inferred, it comes from the first batch."""
+
+    def forward(self, x):
+        return self.body(x.flatten(1))
+
+
+def test_path_norm_monitor_takes_the_input_shape_from_the_first_batch(tmp_path):
+    x, y = dataset().tensors
+    model = FlattenFirst()
+    with pytest.raises(P.PathGeometryError, match="cannot infer the input shape"):
+        P.path_norm(model, 2)
+    run = trainer(tmp_path, [PathNormMonitor(p=2)], max_epochs=1)
+    run.fit(model, DataLoader(TensorDataset(x[:, None, :], y), batch_size=16))
+    assert read_csv(run)["path_norm/p2"][-1][2] == pytest.approx(float(P.path_norm(model, 2, (1, FEATURES))), rel=1e-9)
+
+
+class WithPathNetwork(Classifier):
+    """The module's forward ends in log_softmax (no path decomposition); ``path_network`` names the ReLU network."""
+
+    @property
+    def path_network(self) -> nn.Module:
+        return self.net
+
+    def forward(self, x):
+        return torch.log_softmax(self.net(x), dim=1)
+
+
+def test_callbacks_use_path_network_when_the_module_defines_it(tmp_path):
+    model = WithPathNetwork()
+    run = trainer(tmp_path, [PathNormMonitor(p=2), RescalingInvarianceCheck()], max_epochs=1)
+    run.fit(model, *loaders())
+    logged = read_csv(run)
+    assert logged["path_norm/p2"][-1][2] == pytest.approx(float(P.path_norm(model.net, 2)), rel=1e-9)
+    assert logged["invariance/function"][-1][2] < 1e-5
+    with pytest.raises(P.UnsupportedModelError):  # the module itself is not a path network
+        P.path_norm(model, 2, (FEATURES,))
+
+
+def test_unsupported_network_fails_at_fit_start_naming_the_layer(tmp_path):
+    network = nn.Sequential(nn.Linear(FEATURES, 8), nn.Sigmoid(), nn.Linear(8, CLASSES))
+    model = Classifier(network=network)
+    before = copy.deepcopy(model.state_dict())
+    run = trainer(tmp_path, [PathNormMonitor()])
+    with pytest.raises(P.UnsupportedModelError, match=r"net\.1.*Sigmoid"):
+        run.fit(model, *loaders())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # failed before training
+
+
+# ----------------------------------------------------------------------------- RescalingInvarianceCheck
+
+
+def fit_with_check(tmp_path, optimizer, dtype=torch.float32, **check_options):
+    model = Classifier(optimizer=optimizer, lr=0.05).to(dtype)
+    check = RescalingInvarianceCheck(**check_options)
+    run = trainer(tmp_path, [check])
+    run.fit(model, *loaders(dtype=dtype))
+    return model, check, read_csv(run)
+
+
+def test_invariance_check_path_sgd_is_invariant_and_sgd_is_not(tmp_path):
+    model, check, logged = fit_with_check(tmp_path / "path", "pathsgd")
+    for key in ("invariance/function", "invariance/path_norm"):
+        assert [epoch for epoch, _, _ in logged[key]] == [0, 1]
+        assert all(0 <= value < 1e-5 for _, _, value in logged[key])
+    assert all(0 <= value < 1e-4 for _, _, value in logged["invariance/update"])
+    assert check.checks_done == 2 and check.last["invariance/update"] == logged["invariance/update"][-1][2]
+
+    _, _, logged_sgd = fit_with_check(tmp_path / "sgd", "sgd")
+    assert all(value < 1e-5 for _, _, value in logged_sgd["invariance/function"])
+    assert all(value > 1e-2 for _, _, value in logged_sgd["invariance/update"])
+
+    # the training model is never touched: the same run without the callback ends on the same weights
+    reference = Classifier(optimizer="pathsgd", lr=0.05)
+    trainer(tmp_path / "ref", []).fit(reference, *loaders())
+    for a, b in zip(model.parameters(), reference.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_invariance_check_in_float64_reaches_round_off(tmp_path):
+    _, _, logged = fit_with_check(tmp_path, "pathsgd", dtype=torch.float64, every_n_epochs=2)
+    assert [epoch for epoch, _, _ in logged["invariance/update"]] == [1]  # every second epoch only
+    assert logged["invariance/function"][0][2] < 1e-12
+    assert logged["invariance/path_norm"][0][2] < 1e-12
+    assert logged["invariance/update"][0][2] < 1e-10
+
+
+def test_invariance_check_tolerance_raises_when_path_sgd_is_not_invariant(tmp_path):
+    model = Classifier(optimizer="pathsgd", lr=0.05, weight_decay=0.5)  # weight decay breaks Theorem 5.1
+    run = trainer(tmp_path, [RescalingInvarianceCheck(tolerance=1e-4)])
+    with pytest.raises(InvarianceViolationError, match=r"relative gap .* > tolerance 1\.000e-04") as info:
+        run.fit(model, *loaders())
+    assert isinstance(info.value, RuntimeError)
+    assert "weight_decay" in str(info.value)
+
+
+def test_invariance_check_tolerance_is_only_for_path_sgd(tmp_path):
+    _, check, logged = fit_with_check(tmp_path, "sgd", tolerance=1e-4)
+    assert check.checks_done == 2 and logged["invariance/update"][-1][2] > 1e-2  # logged, not raised
+
+
+def test_invariance_check_warns_and_skips_without_rescalable_units(tmp_path):
+    model = Classifier(network=nn.Linear(FEATURES, CLASSES))
+    run = trainer(tmp_path, [RescalingInvarianceCheck()])
+    with pytest.warns(UserWarning, match="no rescalable hidden units") as record:
+        run.fit(model, *loaders())
+    assert sum("no rescalable" in str(w.message) for w in record) == 1  # once, not every epoch
+    assert not any(key.startswith("invariance/") for key in read_csv(run))
+
+
+def test_invariance_check_state_round_trips_through_a_checkpoint(tmp_path):
+    check = RescalingInvarianceCheck(seed=3)
+    model = Classifier(optimizer="pathsgd")
+    run = trainer(tmp_path, [check, ModelCheckpoint(dirpath=tmp_path / "ckpt")], enable_checkpointing=True)
+    run.fit(model, *loaders())
+    saved = torch.load(glob.glob(str(tmp_path / "ckpt" / "*.ckpt"))[0], weights_only=True)["callbacks"]
+    state = saved[check.state_key]
+    first_x, first_y = loaders()[0].dataset.tensors[0][:16], loaders()[0].dataset.tensors[1][:16]
+    assert torch.equal(state["probe"][0], first_x) and torch.equal(state["probe"][1], first_y)
+    assert state["checks_done"] == 2 and state["last"] == check.last
+
+    restored = RescalingInvarianceCheck(seed=3)
+    assert restored.state_key == check.state_key != RescalingInvarianceCheck(seed=4).state_key
+    restored.load_state_dict(state)
+    assert torch.equal(restored.probe[0], check.probe[0]) and restored.checks_done == 2
+    assert restored.factors({"net.0": 16}, 1)["net.0"].tolist() == check.factors({"net.0": 16}, 1)["net.0"].tolist()
+    factors = restored.factors({"net.0": 1000}, 0)["net.0"]
+    assert 1e-3 <= float(factors.min()) < 1e-2 and 1e2 < float(factors.max()) <= 1e3  # log-uniform over the range
+
+
+# ----------------------------------------------------------------------------- EpochErrorMonitor
+
+
+def test_error_monitor_measures_the_full_sets_each_epoch(tmp_path):
+    model = Classifier(dropout=0.5)
+    train, val = loaders(shuffle=True)
+    train = DataLoader(train.dataset, batch_size=16, shuffle=True, drop_last=True)
+    test = DataLoader(dataset(2, n=48), batch_size=10)
+    run = trainer(tmp_path, [EpochErrorMonitor(test_dataloader=test)], limit_train_batches=2)
+    run.fit(model, train, val)
+    logged = read_csv(run)
+    for split in ("train", "val", "test"):
+        assert [epoch for epoch, _, _ in logged[f"{split}/error"]] == [0, 1]  # test metrics during fit
+        assert [epoch for epoch, _, _ in logged[f"{split}/loss"]] == [0, 1]
+    # the whole training set (not the 2 x 16 examples of the epoch), in eval mode, with the final weights
+    assert logged["train/error"][-1][2] == pytest.approx(zero_one_error(model, train.dataset), abs=1e-12)
+    assert logged["val/error"][-1][2] == pytest.approx(zero_one_error(model, val.dataset), abs=1e-12)
+    assert logged["test/error"][-1][2] == pytest.approx(zero_one_error(model, test.dataset), abs=1e-12)
+    x, y = test.dataset.tensors
+    with torch.no_grad():
+        expected_loss = float(nn.functional.cross_entropy(model(x), y))
+    assert logged["test/loss"][-1][2] == pytest.approx(expected_loss, rel=1e-6)
+    assert model.train_mode_seen_at_epoch_end == [True, True]  # train mode restored after measuring
+    assert float(run.callback_metrics["val/error"]) == logged["val/error"][-1][2]
+
+
+def test_error_monitor_measures_the_validation_data_given_to_fit_without_validation_step(tmp_path):
+    model = TrainOnly()
+    train, val = loaders()
+    run = trainer(tmp_path, [EpochErrorMonitor(test=False)], max_epochs=1)
+    run.fit(model, train, val)
+    assert run.val_dataloaders is None  # Lightning itself skipped validation
+    assert read_csv(run)["val/error"][-1][2] == pytest.approx(zero_one_error(model, val.dataset), abs=1e-12)
+
+
+class DataModule(pl.LightningDataModule):
+    def __init__(self, with_test: bool = True):
+        super().__init__()
+        self.train_set, self.val_set = dataset(0), dataset(1, n=40)
+        self.test_set = dataset(2, n=48) if with_test else None
+        self.train_eval_calls = 0
+
+    def train_dataloader(self):
+        return DataLoader(self.train_set, batch_size=16, shuffle=True)
+
+    def train_eval_dataloader(self):
+        self.train_eval_calls += 1
+        return DataLoader(TensorDataset(*(t[:32] for t in self.train_set.tensors)), batch_size=8)
+
+    def val_dataloader(self):
+        return DataLoader(self.val_set, batch_size=16)
+
+    def test_dataloader(self):
+        if self.test_set is None:
+            raise RuntimeError("no test split in this datamodule")
+        return DataLoader(self.test_set, batch_size=16)
+
+
+def test_error_monitor_uses_the_datamodule_train_eval_and_test_loaders(tmp_path):
+    model, data = Classifier(), DataModule()
+    run = trainer(tmp_path, [EpochErrorMonitor(val=False)])
+    run.fit(model, datamodule=data)
+    logged = read_csv(run)
+    eval_subset = TensorDataset(*(t[:32] for t in data.train_set.tensors))
+    assert logged["train/error"][-1][2] == pytest.approx(zero_one_error(model, eval_subset), abs=1e-12)
+    assert data.train_eval_calls == 1  # built once per fit, reused every epoch
+    assert logged["test/error"][-1][2] == pytest.approx(zero_one_error(model, data.test_set), abs=1e-12)
+    assert "val/error" not in logged
+
+
+def test_error_monitor_skips_a_missing_test_set_with_one_warning(tmp_path):
+    run = trainer(tmp_path, [EpochErrorMonitor()])
+    with pytest.warns(UserWarning, match="test_dataloader") as record:
+        run.fit(Classifier(), datamodule=DataModule(with_test=False))
+    assert sum("test" in str(w.message) and "EpochErrorMonitor" in str(w.message) for w in record) == 1
+    logged = read_csv(run)
+    assert "test/error" not in logged and len(logged["train/error"]) == 2
+
+
+# ----------------------------------------------------------------------------- TensorBoardExtras
+
+
+def events(log_dir: str):
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    for path in sorted(glob.glob(f"{log_dir}/events.out.tfevents.*")):
+        for event in EventFileLoader(path).Load():
+            if event.HasField("summary"):
+                for value in event.summary.value:
+                    yield event.step, value
+
+
+def test_tensorboard_extras_writes_layout_figure_and_hparams_metric(tmp_path):
+    from tensorboard.plugins.custom_scalar import layout_pb2
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    model = Classifier()
+    extras = TensorBoardExtras()
+    test = DataLoader(dataset(2, n=48), batch_size=16)
+    run = trainer(tmp_path, [EpochErrorMonitor(test_dataloader=test), PathNormMonitor(), extras], logger="tb")
+    run.fit(model, *loaders())
+    extras.on_fit_start(run, model)  # a second fit start must not write a second layout
+    run.logger.experiment.flush()
+    written = list(events(run.logger.log_dir))
+    tags = [value.tag for _, value in written]
+
+    assert tags.count("custom_scalars__config__") == 1
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(next(v for _, v in written if v.tag == "custom_scalars__config__").tensor.string_val[0])
+    charts = {chart.title: list(chart.multiline.tag) for category in layout.category for chart in category.chart}
+    assert charts["0-1 error"] == ["^train/error$", "^val/error$", "^test/error$"]
+    assert charts["path-norms"] == ["^path_norm/.*$"]
+
+    image = next(v for _, v in written if v.tag == "learning_curves")
+    assert image.metadata.plugin_data.plugin_name == "images"
+    assert extras.history["test/error"].keys() == {0, 1}
+    assert extras.history["train/error"][1] == float(run.callback_metrics["train/error"])
+
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(
+        next(v for _, v in written if v.tag == "_hparams_/experiment").metadata.plugin_data.content
+    ).experiment
+    metric_names = [info.name.tag for info in experiment.metric_infos]
+    assert "hparams/test_error" in metric_names and "hp_metric" not in metric_names  # no placeholder first
+    assert tags.count("_hparams_/experiment") == 1
+    start = plugin_data_pb2.HParamsPluginData.FromString(
+        next(v for _, v in written if v.tag == "_hparams_/session_start_info").metadata.plugin_data.content
+    ).session_start_info
+    assert start.hparams["optimizer"].string_value == "SGD" and start.hparams["lr"].number_value == 0.1
+    final = {v.tag: v.tensor.float_val[0] if v.tensor.float_val else None for _, v in written}
+    assert final["hparams/test_error"] == pytest.approx(float(run.callback_metrics["test/error"]), abs=1e-6)
+    assert "hparams/test_error_at_best_val" in final
+
+    restored = TensorBoardExtras()
+    restored.load_state_dict(extras.state_dict())
+    assert restored.history == extras.history and restored.state_key == extras.state_key
+
+
+def test_tensorboard_extras_without_tensorboard_logger_warns_and_does_nothing(tmp_path):
+    extras = TensorBoardExtras()
+    run = trainer(tmp_path, [EpochErrorMonitor(test=False), extras], max_epochs=1)
+    with pytest.warns(UserWarning, match="needs a TensorBoardLogger"):
+        run.fit(Classifier(), *loaders())
+    assert read_csv(run)["train/error"]  # the run itself went on
+
+
+@pytest.mark.parametrize(
+    "make", [PathNormMonitor, RescalingInvarianceCheck, EpochErrorMonitor, TensorBoardExtras], ids=lambda c: c.__name__
+)
+def test_callbacks_require_a_logger(tmp_path, make):
+    run = trainer(tmp_path, [make()], logger=False, max_epochs=1)
+    with pytest.raises(MisconfigurationException, match=f"{make.__name__}.*logger"):
+        run.fit(Classifier(), *loaders())
+
+
+# ----------------------------------------------------------------------------- argument checks
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: PathNormMonitor(p=0.5), "p must be a number >= 1"),
+        (lambda: PathNormMonitor(p=(2, 2.0)), "repeats"),
+        (lambda: PathNormMonitor(p=()), "at least one"),
+        (lambda: PathNormMonitor(p="2"), "p must be a number"),
+        (lambda: PathNormMonitor(p=-math.inf), "p must be a number"),
+        (lambda: PathNormMonitor(logging_interval="batch"), "'epoch' or 'step'"),
+        (lambda: PathNormMonitor(input_shape=(0, 3)), "input_shape"),
+        (lambda: RescalingInvarianceCheck(every_n_epochs=0), "every_n_epochs"),
+        (lambda: RescalingInvarianceCheck(min_factor=0), "min_factor"),
+        (lambda: RescalingInvarianceCheck(max_factor=math.inf), "max_factor"),
+        (lambda: RescalingInvarianceCheck(min_factor=10, max_factor=1), "must not exceed"),
+        (lambda: RescalingInvarianceCheck(tolerance=-1), "tolerance"),
+        (lambda: RescalingInvarianceCheck(seed=1.5), "seed"),
+        (lambda: RescalingInvarianceCheck(loss_fn="ce"), "loss_fn"),
+        (lambda: EpochErrorMonitor(train=False, val=False, test=False), "measure nothing"),
+        (lambda: EpochErrorMonitor(test_dataloader=3), "test_dataloader"),
+        (lambda: EpochErrorMonitor(loss_fn=1), "loss_fn"),
+        (lambda: TensorBoardExtras(curves=[""]), "curves"),
+        (lambda: TensorBoardExtras(layout={"a": {"b": ["Pie", []]}}), "layout"),
+    ],
+)
+def test_bad_arguments_raise_clear_value_errors(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+def test_p_labels():
+    assert [p_label(p) for p in (1, 2.0, 3, 1.5, math.inf)] == ["p1", "p2", "p3", "p1.5", "pinf"]
