@@ -1,0 +1,3 @@
+from pl_pathsgd.experiments.runner import main
+
+main()

@@ -1,0 +1,72 @@
+"""The paper's experiments as grids of cells: one cell is one ``pl-pathsgd fit`` run."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+FIGURES = ("figure1", "figure2", "figure3")
+DATASETS = {
+    "figure1": ("mnist", "cifar10"),
+    "figure2": ("mnist",),
+    "figure3": ("mnist", "cifar10", "cifar100", "svhn"),
+}
+DEFAULT_WIDTHS = tuple(2**k for k in range(2, 13))  # 4 ... 4096
+SMOKE_WIDTHS = (4, 16, 64, 256)
+METHODS = ("pathsgd", "sgd", "adagrad")
+INITS = ("balanced", "unbalanced")
+DEFAULT_ALPHAS = (1, 2, 3, 4)  # step sizes 10^-alpha
+SMOKE_ALPHAS = {"pathsgd": (1,), "sgd": (1, 2), "adagrad": (2,)}  # step sizes 10^-alpha for smoke runs
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run: a name (its folder), the CLI overrides that define it, and what it stands for in the figure."""
+
+    name: str
+    args: tuple[str, ...]
+    meta: dict = field(default_factory=dict, hash=False, compare=False)
+
+
+def config_path(figure: str, dataset: str, smoke: bool, root: Path | None = None) -> Path:
+    """``configs/paper/<figure>_<dataset>.yaml`` (``configs/paper/smoke/<figure>.yaml`` for smoke runs)."""
+    base = _configs_root(root) / "paper"
+    path = base / "smoke" / f"{figure}.yaml" if smoke else base / f"{figure}_{dataset}.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"no config for {figure} on {dataset}{' (smoke)' if smoke else ''}: expected {path}")
+    return path
+
+
+def _configs_root(root: Path | None) -> Path:
+    if root is not None:
+        return root
+    for candidate in (Path.cwd() / "configs", Path(__file__).resolve().parents[2] / "configs"):
+        if (candidate / "paper").is_dir():
+            return candidate
+    raise FileNotFoundError("cannot find the configs/ folder; run from the repository root or pass --configs")
+
+
+def _arg(key: str, value) -> str:
+    return f"--{key}={value if isinstance(value, str) else json.dumps(value)}"
+
+
+def figure1_cells(widths) -> list[Cell]:
+    return [Cell(f"width{w:05d}", (_arg("model.init_args.hidden", [w]),), {"width": w}) for w in widths]
+
+
+def figure2_cells() -> list[Cell]:
+    return [Cell(init, (_arg("model.init_args.init", init),), {"method": "sgd", "init": init}) for init in INITS]
+
+
+def figure3_cells(methods, inits, alphas: dict[str, tuple[int, ...]], dropout: float) -> list[Cell]:
+    cells = []
+    for method in methods:
+        for init in inits:
+            for alpha in alphas[method]:
+                lr = 10.0**-alpha
+                args = (_arg("model.init_args.optimizer", method), _arg("model.init_args.init", init),
+                        _arg("model.init_args.lr", lr), _arg("model.init_args.dropout", dropout))
+                meta = {"method": method, "init": init, "alpha": alpha, "lr": lr, "dropout": dropout}
+                cells.append(Cell(f"{method}-{init}-lr1e-{alpha}", args, meta))
+    return cells
