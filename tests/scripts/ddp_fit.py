@@ -2,8 +2,9 @@
 
     python tests/scripts/ddp_fit.py OUT_DIR {single,ddp}
 
-Both runs see the same global batches (unshuffled data; DDP splits each global batch of 32 into two
-per-rank batches of 16) and save their final weights to OUT_DIR/<mode>.pt.
+Both runs see the same global batches: the data is not shuffled and, under DDP, rank r reads
+examples r, r+2, r+4, ... (Lightning's own distributed sampler would shuffle), so each global batch
+of 32 is split into two per-rank batches of 16. Final weights go to OUT_DIR/<mode>.pt.
 """
 
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import CSVLogger
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from pl_pathsgd.callbacks import EpochErrorMonitor, PathNormMonitor, RescalingInvarianceCheck
 from pl_pathsgd.module import PathSGDClassifier
@@ -20,30 +21,40 @@ from pl_pathsgd.module import PathSGDClassifier
 GLOBAL_BATCH = 32
 
 
-def loaders(per_device_batch: int):
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(128, 6, generator=generator)
-    y = ((x[:, 0] > 0).long() + (x[:, 1] > 0.3).long())
-    test_x = torch.randn(64, 6, generator=generator)
-    test_y = ((test_x[:, 0] > 0).long() + (test_x[:, 1] > 0.3).long())
-    train = DataLoader(TensorDataset(x, y), batch_size=per_device_batch)
-    test = DataLoader(TensorDataset(test_x, test_y), batch_size=per_device_batch)
-    return train, test
+def dataset(n: int, seed: int) -> TensorDataset:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=generator)
+    return TensorDataset(x, (x[:, 0] > 0).long() + (x[:, 1] > 0.3).long())
+
+
+class FixedOrderData(pl.LightningDataModule):
+    def __init__(self, devices: int):
+        super().__init__()
+        self.devices = devices
+
+    def _loader(self, data: TensorDataset) -> DataLoader:
+        sampler = DistributedSampler(data, num_replicas=self.devices, rank=self.trainer.global_rank, shuffle=False)
+        return DataLoader(data, batch_size=GLOBAL_BATCH // self.devices, sampler=sampler)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(dataset(128, 0))
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(dataset(64, 1))
 
 
 def main(out: Path, mode: str) -> None:
     pl.seed_everything(0)
     devices = 2 if mode == "ddp" else 1
-    train, test = loaders(GLOBAL_BATCH // devices)
     model = PathSGDClassifier(input_shape=(6,), num_classes=3, hidden=[32, 32], lr=0.05, momentum=0.5)
     trainer = pl.Trainer(
         max_epochs=2, accelerator="cpu", devices=devices, strategy="ddp" if mode == "ddp" else "auto",
         logger=CSVLogger(out, name=mode, version=0), enable_progress_bar=False, enable_model_summary=False,
-        enable_checkpointing=False, log_every_n_steps=1,
-        callbacks=[EpochErrorMonitor(val=False, test_dataloader=test), PathNormMonitor(),
+        enable_checkpointing=False, log_every_n_steps=1, use_distributed_sampler=False,
+        callbacks=[EpochErrorMonitor(val=False), PathNormMonitor(),
                    RescalingInvarianceCheck(tolerance=1e-4)],
     )
-    trainer.fit(model, train)
+    trainer.fit(model, datamodule=FixedOrderData(devices))
     if trainer.is_global_zero:
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, out / f"{mode}.pt")
 
