@@ -453,7 +453,8 @@ class BaseDataModule(pl.LightningDataModule):
 
     def _read_source(self) -> RawData:
         """Read the source files into uint8 tensors."""
-        raise NotImplementedError
+        raise TypeError(f"{type(self).__name__} has no data source: use one of MNISTDataModule, CIFAR10DataModule, "
+                        "CIFAR100DataModule, SVHNDataModule, DigitsDataModule, or define _read_source")
 
     def _cache_options(self) -> dict[str, Any]:
         """Options that change the content of the cache file."""

@@ -108,25 +108,26 @@ class TorchvisionDataModule(BaseDataModule):
             num_workers=num_workers,
             seed=seed,
         )
+        self.save_hyperparameters()  # subclasses without arguments of their own inherit this __init__
 
     # -- per-dataset hooks -------------------------------------------------
 
     @property
     def source_dir(self) -> Path:
         """Folder torchvision expects the files in."""
-        raise NotImplementedError
+        raise TypeError(f"{type(self).__name__} must define this dataset hook")
 
     def _required_names(self) -> list[str]:
         """File names (relative to :attr:`source_dir`) torchvision reads."""
-        raise NotImplementedError
+        raise TypeError(f"{type(self).__name__} must define this dataset hook")
 
     def _torchvision_class(self) -> type:
         """The torchvision dataset class, adjusted for ``verify_checksums`` and ``mirror``."""
-        raise NotImplementedError
+        raise TypeError(f"{type(self).__name__} must define this dataset hook")
 
     def _download_urls(self) -> list[str]:
         """URLs the download will try, for messages."""
-        raise NotImplementedError
+        raise TypeError(f"{type(self).__name__} must define this dataset hook")
 
     def _manual_instructions(self) -> str:
         """How to place the files by hand."""
@@ -135,11 +136,11 @@ class TorchvisionDataModule(BaseDataModule):
 
     def _download_files(self) -> None:
         """Run torchvision's download."""
-        raise NotImplementedError
+        raise TypeError(f"{type(self).__name__} must define this dataset hook")
 
     def _read_files(self) -> RawData:
         """Read all splits through torchvision."""
-        raise NotImplementedError
+        raise TypeError(f"{type(self).__name__} must define this dataset hook")
 
     def _diagnose(self) -> None:
         """Raise :class:`CorruptDatasetError` naming the first unreadable file, if one is found."""
@@ -298,37 +299,6 @@ class MNISTDataModule(TorchvisionDataModule):
     nominal_train_size = 60000
     nominal_test_size = 10000
     default_urls = tuple(datasets.MNIST.mirrors)
-
-    def __init__(
-        self,
-        data_dir: str = "data",
-        batch_size: int = 100,
-        val_size: int = 10000,
-        downsample: int | None = None,
-        grayscale: bool = False,
-        flatten: bool = True,
-        normalize: bool = True,
-        download: bool = False,
-        num_workers: int = 0,
-        seed: int = 0,
-        verify_checksums: bool = True,
-        mirror: str | None = None,
-    ) -> None:
-        super().__init__(
-            data_dir=data_dir,
-            batch_size=batch_size,
-            val_size=val_size,
-            downsample=downsample,
-            grayscale=grayscale,
-            flatten=flatten,
-            normalize=normalize,
-            download=download,
-            num_workers=num_workers,
-            seed=seed,
-            verify_checksums=verify_checksums,
-            mirror=mirror,
-        )
-        self.save_hyperparameters()
 
     @property
     def source_dir(self) -> Path:
@@ -564,37 +534,6 @@ class CIFAR10DataModule(_CIFARDataModule):
     _label_key = "labels"
     default_urls = (datasets.CIFAR10.url,)
 
-    def __init__(
-        self,
-        data_dir: str = "data",
-        batch_size: int = 100,
-        val_size: int = 10000,
-        downsample: int | None = None,
-        grayscale: bool = False,
-        flatten: bool = True,
-        normalize: bool = True,
-        download: bool = False,
-        num_workers: int = 0,
-        seed: int = 0,
-        verify_checksums: bool = True,
-        mirror: str | None = None,
-    ) -> None:
-        super().__init__(
-            data_dir=data_dir,
-            batch_size=batch_size,
-            val_size=val_size,
-            downsample=downsample,
-            grayscale=grayscale,
-            flatten=flatten,
-            normalize=normalize,
-            download=download,
-            num_workers=num_workers,
-            seed=seed,
-            verify_checksums=verify_checksums,
-            mirror=mirror,
-        )
-        self.save_hyperparameters()
-
 
 class CIFAR100DataModule(_CIFARDataModule):
     """CIFAR-100: 32x32 colour images of 100 classes (fine labels), 50,000 training and 10,000 test images.
@@ -627,37 +566,6 @@ class CIFAR100DataModule(_CIFARDataModule):
     _tv_base = datasets.CIFAR100
     _label_key = "fine_labels"
     default_urls = (datasets.CIFAR100.url,)
-
-    def __init__(
-        self,
-        data_dir: str = "data",
-        batch_size: int = 100,
-        val_size: int = 10000,
-        downsample: int | None = None,
-        grayscale: bool = False,
-        flatten: bool = True,
-        normalize: bool = True,
-        download: bool = False,
-        num_workers: int = 0,
-        seed: int = 0,
-        verify_checksums: bool = True,
-        mirror: str | None = None,
-    ) -> None:
-        super().__init__(
-            data_dir=data_dir,
-            batch_size=batch_size,
-            val_size=val_size,
-            downsample=downsample,
-            grayscale=grayscale,
-            flatten=flatten,
-            normalize=normalize,
-            download=download,
-            num_workers=num_workers,
-            seed=seed,
-            verify_checksums=verify_checksums,
-            mirror=mirror,
-        )
-        self.save_hyperparameters()
 
 
 # ---------------------------------------------------------------------------
