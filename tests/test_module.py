@@ -150,3 +150,15 @@ def test_classifier_trains_and_logs(tmp_path):
         x, y = loaders.dataset.tensors
         expected = (module(x).argmax(1) != y).float().mean()
     assert float(metrics["test/error"]) == pytest.approx(float(expected))
+
+
+def test_path_sgd_under_mixed_precision_and_gradient_clipping(tmp_path):
+    """Lightning runs the closure itself under mixed precision and calls step() without one."""
+    module = UserModule("pathsgd", lr=0.05, momentum=0.9)
+    before = module.net[0].weight.detach().clone()
+    run = trainer(tmp_path, max_epochs=1, limit_train_batches=3, precision="bf16-mixed", gradient_clip_val=1.0)
+    run.fit(module, tiny_loaders())
+    assert run.global_step == 3
+    weight = module.net[0].weight.detach()
+    assert weight.dtype == torch.float32 and bool(torch.isfinite(weight).all())
+    assert not torch.equal(weight, before)
