@@ -8,7 +8,10 @@ the product of |w_e|^p, and gamma_out(v) the same sum over paths from v to an ou
   of v (an edge from a constant unit) gamma_out(v)^(2/p)  (``path_scaling``).
 
 Both come from one evaluation of the path twin (batch size 1): its summed output is phi_p^p and
-its gradient with respect to |w_e|^p is gamma_in(u) * gamma_out(v).
+its gradient with respect to |w_e|^p is gamma_in(u) * gamma_out(v).  The twin of a Linear layer
+never builds |W|^p (see :mod:`pl_pathsgd.paths.fast_linear`), and for an MLP — a chain of Linear
+layers and ReLU-like activations — :func:`scaling_of` needs no autograd at all: gamma_in and
+gamma_out are one forward and one backward sweep of matrix-vector products (:func:`_chain_scaling`).
 
 Shared weights (a convolution kernel used at every position, a layer called twice) receive the
 *sum* of gamma_in(u) * gamma_out(v) over all the edges they stand for, before the power 2/p: the
@@ -19,8 +22,9 @@ c = bias - a*running_mean.  The divisor of its ``weight`` is kappa_a^(2/p) / (va
 rule through a = weight * s, which keeps the update invariant to rescaling the units on both sides)
 and that of its ``bias`` is kappa_c^(2/p).
 
-The twin is computed in float64 by default, so deep or wide networks in float32 get finite,
-positive divisors.  A unit with no path to an output (all outgoing weights zero) has divisor 0;
+``path_norm`` and ``path_scaling`` compute the twin in float64 by default, so deep or wide networks
+in float32 get finite, positive divisors.  ``PathSGD`` computes it in the parameters' dtype and
+falls back to float64 for a step whose float32 result is out of range (see its docstring).  A unit with no path to an output (all outgoing weights zero) has divisor 0;
 every divisor is raised to at least ``eps`` (default: the smallest normal number of the
 parameter's dtype), so dividing by it never gives inf or NaN; the gradient of such an edge is 0.
 """
@@ -28,13 +32,23 @@ parameter's dtype), so dividing by it never gives inf or NaN; the gradient of su
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
+import torch.fx as fx
 from torch import Tensor, nn
 
 from pl_pathsgd.paths.errors import PathGeometryError
-from pl_pathsgd.paths.graph import BATCHNORMS, PathGraph, TwinPass
+from pl_pathsgd.paths.fast_linear import power_products, power_sums
+from pl_pathsgd.paths.graph import (
+    BATCHNORMS,
+    PASS_THROUGH_FUNCTIONS,
+    PASS_THROUGH_METHODS,
+    PASS_THROUGH_MODULES,
+    PathGraph,
+    TwinPass,
+)
 from pl_pathsgd.paths.twin_ops import batchnorm_affine
 
 
@@ -101,15 +115,25 @@ class DenseScaling:
 Scaling = OuterScaling | DenseScaling
 
 
-def scaling_of(graph: PathGraph, p: float = 2, dtype: torch.dtype = torch.float64) -> dict[int, Scaling]:
+def scaling_of(graph: PathGraph, p: float = 2, dtype: torch.dtype = torch.float64, *,
+               chain: bool = True, fast_linear: bool = True) -> dict[int, Scaling]:
     """The Path-SGD divisors of every parameter on a path, keyed by ``id(parameter)``, before any epsilon.
 
     One forward and one backward pass of the twin at batch size 1.  Linear weights used once come back
     as :class:`OuterScaling` (never materialised); everything else as :class:`DenseScaling`.
+
+    A network that is a chain of Linear layers and pass-through activations (an MLP) takes a shorter
+    route when ``chain`` is true (see :func:`_chain_scaling`): the same numbers, without autograd, and
+    with one read fewer of the largest hidden weight matrix.  ``chain=False`` forces the general route,
+    and ``fast_linear=False`` makes it build |W|^p for every Linear layer instead of reading W blockwise
+    (:mod:`pl_pathsgd.paths.fast_linear`) — both only for comparison.
     """
     p = check_p(p, allow_inf=False)
     power = 2.0 / p
-    run = TwinPass(p=p, mode="sum", dtype=dtype, track=True)
+    layers = linear_chain(graph) if chain else None
+    if layers is not None:
+        return _chain_scaling(layers, p, dtype)
+    run = TwinPass(p=p, mode="sum", dtype=dtype, track=True, fast_linear=fast_linear)
     with torch.enable_grad():
         total = graph.evaluate(run).sum()
         leaves = [(key, leaf) for key, leaf in run.leaves.items() if leaf.requires_grad]
@@ -153,6 +177,132 @@ def _linear_weight_scalings(run: TwinPass, output_grads: list[Tensor], power: fl
             result[key] = OuterScaling(out_vectors[0].pow(power), in_vectors[0].pow(power))
         else:
             result[key] = DenseScaling((out_vectors.T @ in_vectors).pow(power))
+    return result
+
+
+# ----------------------------------------------------------------------------- MLPs: the chain route
+
+_CHAINS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def linear_chain(graph: PathGraph) -> list[nn.Linear] | None:
+    """The Linear layers of ``graph`` in order, if the network is a chain of them; else None.
+
+    A chain: the input flows through one node after another, each a Linear layer or a pass-through
+    activation (ReLU, LeakyReLU, Dropout, Identity), into the output; the input is a vector; no
+    Linear layer is called twice and no parameter is shared.
+    """
+    if graph not in _CHAINS:
+        _CHAINS[graph] = _find_chain(graph)
+    return _CHAINS[graph]
+
+
+def _find_chain(graph: PathGraph) -> list[nn.Linear] | None:
+    nodes = list(graph.graph.nodes)
+    if len(nodes) < 3 or nodes[0].op != "placeholder" or nodes[-1].op != "output" or len(graph.input_shape) != 1:
+        return None
+    layers: list[nn.Linear] = []
+    current = nodes[0]
+    for node in nodes[1:]:
+        operands = [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, fx.Node)]
+        if operands != [current] or len(current.users) != 1 or (node.args and node.args[0] is not current):
+            return None
+        if node.op == "output":
+            break
+        if node.op == "call_module":
+            module = graph.module(node)
+            if isinstance(module, nn.Linear):
+                layers.append(module)
+            elif not isinstance(module, PASS_THROUGH_MODULES):
+                return None
+        elif not ((node.op == "call_function" and node.target in PASS_THROUGH_FUNCTIONS)
+                  or (node.op == "call_method" and node.target in PASS_THROUGH_METHODS)):
+            return None
+        current = node
+    parameters = [t for layer in layers for t in (layer.weight, layer.bias) if t is not None]
+    if not layers or len({id(t) for t in parameters}) != len(parameters):
+        return None
+    return layers
+
+
+def _chain_scaling(layers: list[nn.Linear], p: float, dtype: torch.dtype) -> dict[int, Scaling]:
+    """The Path-SGD divisors of an MLP, from matrix-vector products with |W|^p and no autograd.
+
+    gamma_in of layer j's inputs is v_j (v_0 = 1, v_{j+1} = |W_j|^p v_j + |b_j|^p) and gamma_out of its
+    outputs is g_j (g_last = 1, g_{j-1} = (|W_j|^p)^T g_j): the values and the gradients of the path
+    twin, so this is exactly what the general route computes.  The forward sweep needs no v_last and
+    the backward sweep no g_{-1}; the all-ones vectors at both ends are plain sums of |W|^p.  Since g
+    depends only on the layers after j and v only on those before, the backward sweep runs first
+    down to the largest hidden layer k, then the forward sweep up to it, and layer k computes both of
+    its products in a single blockwise read of W_k; then both sweeps finish.  Each hidden weight
+    matrix is read twice, except the largest, read once.
+    """
+    d = len(layers)
+    weights = [layer.weight.detach() for layer in layers]
+    biases = [None if layer.bias is None else layer.bias.detach() for layer in layers]
+    device = weights[0].device
+    v: list[Tensor | None] = [None] * d
+    g: list[Tensor | None] = [None] * d
+    v[0] = torch.ones(weights[0].shape[1], dtype=dtype, device=device)
+    g[-1] = torch.ones(weights[-1].shape[0], dtype=dtype, device=device)
+
+    shifts = _powers(biases, p, dtype)  # |b_j|^p, all at once
+
+    def forward(j: int) -> None:  # v[j + 1] from layer j
+        if j == 0:
+            product = power_sums(weights[0], p, 1, dtype)
+            v[1] = product if shifts[0] is None else product.add_(shifts[0])
+        else:
+            v[j + 1] = power_products(weights[j], p, dtype, v[j], shift=shifts[j])[0]
+
+    def backward(j: int) -> None:  # g[j - 1] from layer j
+        if j == d - 1:
+            g[j - 1] = power_sums(weights[j], p, 0, dtype)
+        else:
+            g[j - 1] = power_products(weights[j], p, dtype, covector=g[j])[1]
+
+    middle = range(1, d - 1)
+    k = max(middle, key=lambda j: weights[j].numel()) if d >= 3 else None
+    if k is None:
+        for j in range(d - 1, 0, -1):
+            backward(j)
+        for j in range(d - 1):
+            forward(j)
+    else:
+        for j in range(d - 1, k, -1):
+            backward(j)
+        for j in range(k):
+            forward(j)
+        v[k + 1], g[k - 1] = power_products(weights[k], p, dtype, v[k], g[k], shift=shifts[k])
+        for j in range(k - 1, 0, -1):
+            backward(j)
+        for j in range(k + 1, d - 1):
+            forward(j)
+
+    power = 2.0 / p
+    scalings: dict[int, Scaling] = {}
+    for j, layer in enumerate(layers):
+        out_factor = g[j] if power == 1 else g[j].pow(power)
+        in_factor = v[j] if power == 1 else v[j].pow(power)
+        scalings[id(layer.weight)] = OuterScaling(out_factor, in_factor)
+        if layer.bias is not None:
+            scalings[id(layer.bias)] = DenseScaling(out_factor)
+    return scalings
+
+
+def _powers(values: list[Tensor | None], p: float, dtype: torch.dtype) -> list[Tensor | None]:
+    """|value|^p in ``dtype`` for each tensor given (None stays None), with one foreach call per operation."""
+    present = [i for i, value in enumerate(values) if value is not None]
+    result: list[Tensor | None] = [None] * len(values)
+    if not present:
+        return result
+    powered = torch._foreach_abs([values[i].to(dtype) for i in present])
+    if p == 2:
+        torch._foreach_mul_(powered, powered)
+    elif p != 1:
+        torch._foreach_pow_(powered, p)
+    for i, value in zip(present, powered):
+        result[i] = value
     return result
 
 
