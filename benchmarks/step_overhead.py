@@ -19,6 +19,10 @@ steps (momentum buffers, plus PathSGD's reused scratch buffer).
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # keep the memory profiler's start/stop lines out of the table
+
 import argparse
 import os
 import platform
