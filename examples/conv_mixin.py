@@ -4,7 +4,6 @@
 """
 
 import lightning.pytorch as pl
-import torch
 import torch.nn.functional as F
 from torch import nn
 

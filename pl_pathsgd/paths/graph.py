@@ -12,7 +12,6 @@ Every unsupported module or operation is collected and reported together in one
 
 from __future__ import annotations
 
-import math
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -416,7 +415,3 @@ def _batchnorm(module: nn.modules.batchnorm._BatchNorm, x: Tensor, run: TwinPass
                                      run.power(shift).requires_grad_(run.track))
     scale, shift = run.batchnorm_leaves[key]
     return twin_ops.batchnorm_twin(x, scale, shift, run.mode)
-
-
-def is_finite_p(p: float) -> bool:
-    return not math.isinf(p)
