@@ -25,6 +25,8 @@ from pl_pathsgd.callbacks import (
     TensorBoardExtras,
 )
 from pl_pathsgd.callbacks._common import p_label
+from pl_pathsgd.data import DigitsDataModule
+from pl_pathsgd.module import PathSGDClassifier
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:.*(log_every_n_steps|does not have many workers|LeafSpec|litlogger|litmodels|no `validation_step`).*"
@@ -483,3 +485,19 @@ def test_bad_arguments_raise_clear_value_errors(build, message):
 
 def test_p_labels():
     assert [p_label(p) for p in (1, 2.0, 3, 1.5, math.inf)] == ["p1", "p2", "p3", "p1.5", "pinf"]
+
+
+def test_error_monitor_leaves_validation_to_a_module_that_logs_it(tmp_path):
+    """val=None (default): a module whose validation loop logs val/error is not measured twice."""
+    def fit(monitor):
+        module = PathSGDClassifier(input_shape=(64,), hidden=[16], lr=0.01)
+        trainer = pl.Trainer(max_epochs=2, logger=CSVLogger(tmp_path), callbacks=[monitor], limit_train_batches=2,
+                             enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False)
+        trainer.fit(module, datamodule=DigitsDataModule())
+        rows = list(csv.DictReader(open(f"{trainer.logger.log_dir}/metrics.csv")))
+        return [r for r in rows if r.get("val/error")], [r for r in rows if r.get("train/error")]
+
+    val_rows, train_rows = fit(EpochErrorMonitor())
+    assert len(val_rows) == 2 and len(train_rows) == 2  # one val/error per epoch, from the validation loop
+    val_rows, _ = fit(EpochErrorMonitor(val=True))
+    assert len(val_rows) == 4  # asked for explicitly: measured here as well

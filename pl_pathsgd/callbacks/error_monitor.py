@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks.callback import Callback
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 from torch.utils.data import (
@@ -64,7 +64,8 @@ class EpochErrorMonitor(Callback):
     ``pl_module(x)`` (logits), run under the trainer's precision context.
 
     Args:
-        train, val, test: which splits to measure.
+        train, val, test: which splits to measure. ``val=None`` (default): validation too, unless the
+            module's own validation loop already logs ``val/error`` (then it is left to it, not logged twice).
         train_dataloader, val_dataloader, test_dataloader: dataloaders to use instead of the defaults above.
         loss_fn: ``loss_fn(logits, targets)`` returning the *mean* loss of the batch (it is weighted by the
             batch size); default :func:`torch.nn.functional.cross_entropy`.
@@ -79,7 +80,7 @@ class EpochErrorMonitor(Callback):
     def __init__(
         self,
         train: bool = True,
-        val: bool = True,
+        val: bool | None = None,
         test: bool = True,
         train_dataloader: Iterable | None = None,
         val_dataloader: Iterable | None = None,
@@ -87,9 +88,10 @@ class EpochErrorMonitor(Callback):
         loss_fn: LossFn | None = None,
     ):
         for name, flag in (("train", train), ("val", val), ("test", test)):
-            if not isinstance(flag, bool):
-                raise ValueError(f"EpochErrorMonitor({name}={flag!r}) must be True or False")
-        if not (train or val or test):
+            if not isinstance(flag, bool) and not (name == "val" and flag is None):
+                raise ValueError(f"EpochErrorMonitor({name}={flag!r}) must be True or False"
+                                 + (" (or None: automatic)" if name == "val" else ""))
+        if not (train or val is not False or test):
             raise ValueError("EpochErrorMonitor(train=False, val=False, test=False) would measure nothing")
         for name, loader in (
             ("train_dataloader", train_dataloader),
@@ -102,7 +104,10 @@ class EpochErrorMonitor(Callback):
                 )
         if loss_fn is not None and not callable(loss_fn):
             raise ValueError("EpochErrorMonitor(loss_fn=...) must be callable: loss_fn(logits, targets) -> mean loss")
-        self.splits = tuple(s for s, on in zip(SPLITS, (train, val, test)) if on)
+        self.requested_splits = tuple(s for s, on in zip(SPLITS, (train, val is not False, test)) if on)
+        self.splits = self.requested_splits  # what this fit measures
+        self.val_auto = val is None
+        self._val_logged_elsewhere: bool | None = None  # decided at the first epoch end
         self.dataloaders = {"train": train_dataloader, "val": val_dataloader, "test": test_dataloader}
         self.loss_fn = loss_fn
         self._cache: dict[tuple, tuple[Any, DataLoader]] = {}
@@ -112,12 +117,13 @@ class EpochErrorMonitor(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(splits=self.splits)
+        return self._generate_state_key(splits=self.requested_splits)
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             require_logger(trainer, type(self).__name__)
+            self.splits, self._val_logged_elsewhere = self.requested_splits, None
             self._cache.clear()
             self._fit_loaders.clear()
 
@@ -129,6 +135,13 @@ class EpochErrorMonitor(Callback):
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.val_auto and self._val_logged_elsewhere is None:
+            # before this callback ever logs, a val/error can only come from the module's validation loop
+            self._val_logged_elsewhere = "val/error" in trainer.callback_metrics
+            if self._val_logged_elsewhere and "val" in self.splits:
+                self.splits = tuple(s for s in self.splits if s != "val")
+                rank_zero_info(f"{type(self).__name__}: the module's validation loop logs val/error already; "
+                               "measuring train and test only (pass val=True to measure val here too)")
         results = self.evaluate(trainer, pl_module)
         for key, value in results.items():
             # already summed over processes: equal on every rank, and the mean of equal values is that value

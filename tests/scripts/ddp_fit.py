@@ -51,7 +51,7 @@ def main(out: Path, mode: str) -> None:
         max_epochs=2, accelerator="cpu", devices=devices, strategy="ddp" if mode == "ddp" else "auto",
         logger=CSVLogger(out, name=mode, version=0), enable_progress_bar=False, enable_model_summary=False,
         enable_checkpointing=False, log_every_n_steps=1, use_distributed_sampler=False,
-        callbacks=[EpochErrorMonitor(val=False), PathNormMonitor(),
+        callbacks=[EpochErrorMonitor(), PathNormMonitor(),
                    RescalingInvarianceCheck(tolerance=1e-4)],
     )
     trainer.fit(model, datamodule=FixedOrderData(devices))
