@@ -406,3 +406,13 @@ def test_path_norm_is_unchanged_by_blocking(tiny_blocks):
     net = random_net([4, 6, 5, 3], seed=1)
     for p in (1, 2, 3, math.inf):
         assert float(P.path_norm(net, p)) == pytest.approx(reference_norm(net, p), rel=1e-12)
+
+
+def test_max_path_norm_is_blockwise_and_allocates_nothing_of_a_weights_size(tiny_blocks):
+    net = LinearOnChannels().double()  # a Linear layer on a matrix input, too
+    assert float(P.path_norm(net, math.inf, (2, 5))) == reference_norm(net, math.inf, (2, 5))
+    model, _ = wide_mlp()
+    graph = PathGraph(model)
+    weight_bytes = model[2].weight.numel() * model[2].weight.element_size()
+    sizes = allocation_sizes(lambda: P.paths.norms.path_norm_of(graph, math.inf))
+    assert max(sizes, default=0) < weight_bytes // 16

@@ -12,7 +12,8 @@ consumed at once by a matrix-vector product written with ``out=`` into its slice
 * :func:`power_sums`: the same against an all-ones vector (row or column sums of |W|^p), a plain
   reduction with no scratch at all;
 * :class:`PowerLinear` / :func:`power_linear`: the twin of a Linear layer as an autograd function
-  (forward ``x (|W|^p)^T``, backward ``g |W|^p``, each one blockwise pass, W never copied).
+  (forward ``x (|W|^p)^T``, backward ``g |W|^p``, each one blockwise pass, W never copied);
+* :func:`max_linear`: the p = inf (max-times) twin, blockwise as well.
 
 Results equal ``F.linear(x, |W|^p)`` and friends up to the order of floating-point additions.
 
@@ -187,6 +188,21 @@ class PowerLinear(torch.autograd.Function):
         (weight,) = ctx.saved_tensors
         grad_x = power_matmul_transposed(weight, grad, ctx.p) if ctx.needs_input_grad[0] else None
         return grad_x, None, None
+
+
+def max_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """The max-mode (p = inf) twin of a Linear layer: ``max_j |W_ij| x_j``, then the larger of that and
+    ``bias`` (already |b|), blockwise: each block of |W| is scaled by ``x`` and reduced in the scratch
+    buffer, so nothing of the weight's size is allocated.
+    """
+    out_features, in_features = weight.shape
+    flat = x.reshape(-1, in_features)
+    out = torch.empty(flat.shape[0], out_features, dtype=x.dtype, device=x.device)
+    for row, vector in enumerate(flat):
+        for rows, block in _blocks(weight.detach(), 1, x.dtype):
+            torch.amax(block.mul_(vector), dim=1, out=out[row, rows])
+    out = out.reshape(*x.shape[:-1], out_features)
+    return out if bias is None else torch.maximum(out, bias)
 
 
 def power_linear(x: Tensor, weight: Tensor, bias: Tensor | None, p: float) -> Tensor:

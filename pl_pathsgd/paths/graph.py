@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from pl_pathsgd.paths import twin_ops
 from pl_pathsgd.paths.errors import PathGeometryError, UnsupportedModelError
-from pl_pathsgd.paths.fast_linear import power_linear
+from pl_pathsgd.paths.fast_linear import max_linear, power_linear
 
 # ----------------------------------------------------------------------------- supported set
 
@@ -148,7 +148,7 @@ class TwinPass:
     mode: str  # "sum": sums of products of |w|^p; "max": largest product of |w|
     dtype: torch.dtype
     track: bool = False  # keep what the Path-SGD scaling needs
-    # sum mode: Linear twins read |W|^p blockwise (fast_linear.power_linear) instead of building it
+    # Linear twins read |W|^p blockwise (fast_linear.power_linear / max_linear) instead of building it
     fast_linear: bool = True
     leaves: dict[int, Tensor] = field(default_factory=dict)  # id(parameter) -> |w|^p
     batchnorm_leaves: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)  # id(module) -> (|a|^p, |c|^p)
@@ -396,10 +396,11 @@ def _add_handler(node_args: tuple, node_kwargs: dict, subtract: bool) -> Handler
 
 def _linear(module: nn.Linear, x: Tensor, run: TwinPass) -> Tensor:
     # The weight's scaling is the (rank-one per call) product of the output gradient and the input;
-    # its |W|^p needs no gradient of its own, and in sum mode it is never built: the blockwise twin
-    # reads W (once forward, once backward) through a small reused scratch buffer.
-    if run.mode == "sum" and run.fast_linear:
-        out = power_linear(x, module.weight, run.leaf(module.bias, True), run.p)
+    # its |W|^p needs no gradient of its own, and it is never built: the blockwise twin reads W
+    # (once forward, once backward) through a small reused scratch buffer.
+    if run.fast_linear:
+        bias = run.leaf(module.bias, True)
+        out = power_linear(x, module.weight, bias, run.p) if run.mode == "sum" else max_linear(x, module.weight, bias)
     else:
         out = twin_ops.linear_twin(x, run.leaf(module.weight, False), run.leaf(module.bias, True), run.mode)
     if run.track:
