@@ -237,15 +237,30 @@ class CustomForward(nn.Module):
         return self.head(h.view(h.size(0), -1))
 
 
-def test_custom_forward_with_residual_traced_and_rescaling_invariant():
+@pytest.mark.parametrize("p", [1, 2, 3])
+def test_custom_forward_with_residual_matches_dense_unrolling(p):
+    """Functional ReLU, view, adaptive pooling and x + f(x): the residual addition adds the branches' paths."""
     net = CustomForward().double()
+    with torch.no_grad():
+        for param in net.parameters():
+            param.uniform_(-1.0, 1.0)
     shape = (2, 5)
-    norm = P.path_norm(net, 2, shape)
-    assert P.rescalable_units(net, shape) == {}  # every unit reaches the residual addition
-    x = torch.randn(4, *shape, dtype=torch.float64)
+    conv, inner = copy.deepcopy(net.conv), copy.deepcopy(net.inner)
+    conv.bias, inner.bias = None, None
+    pw = lambda m: m.abs() ** p  # noqa: E731
+    a1, a2 = pw(layer_matrix(conv, (2, 5))), pw(layer_matrix(inner, (3, 5)))
+    pool = pw(layer_matrix(net.pool, (3, 5)))  # adaptive windows of 3 and 3 inputs (overlapping), weights 1/3
+    h1 = a1 @ torch.ones(10, dtype=torch.float64) + pw(net.conv.bias.detach()).repeat_interleave(5)
+    h2 = h1 + a2 @ h1 + pw(net.inner.bias.detach()).repeat_interleave(5)  # skip path + residual branch
+    out = pw(net.head.weight.detach()) @ (pool @ h2) + pw(net.head.bias.detach())
+    assert float(P.path_norm(net, p, shape)) == pytest.approx(float(out.sum()) ** (1 / p), rel=RTOL)
+
+
+def test_units_feeding_a_residual_addition_cannot_be_rescaled_alone():
+    net = CustomForward().double()
+    assert P.rescalable_units(net, (2, 5)) == {}  # every unit reaches the addition or the output
     with pytest.raises(P.PathGeometryError, match="cannot be rescaled"):
-        P.rescale_units(net, {"conv": torch.full((3,), 2.0)}, shape)
-    assert float(norm) > 0 and net(x).shape == (4, 2)
+        P.rescale_units(net, {"conv": torch.full((3,), 2.0)}, (2, 5))
 
 
 class Bad(nn.Module):

@@ -54,9 +54,9 @@ class _Consumer:
 class UnitMap:
     """The rescalable hidden units of a traced network: which layer produces them and who consumes them."""
 
-    def __init__(self, graph: PathGraph):
+    def __init__(self, graph: PathGraph, p: float = 1.0):
         self.graph = graph
-        self.values = _twin_values(graph)
+        self.values = _twin_values(graph, p)  # gamma_in (for this p) of every unit, and every shape
         self.consumers: dict[str, list[_Consumer]] = {}
         self.blocked: dict[str, str] = {}
         for node in graph.parametrized_nodes:
@@ -334,23 +334,19 @@ def balance(model: nn.Module, p: float = 2, input_shape: tuple[int, ...] | None 
     """
     p = check_p(p, allow_inf=False)
     graph = PathGraph(model, input_shape)
-    unit_map = UnitMap(graph)
-    layers = [node for node in graph.parametrized_nodes]
+    unit_map = UnitMap(graph, p)
+    layers = graph.parametrized_nodes
     if not layers or not all(isinstance(graph.module(n), nn.Linear) for n in layers):
         raise PathGeometryError("balance() needs a layered network of Linear layers (Lemma 4.1's setting)")
-    hidden = [node.target for node in layers[:-1]]
-    for node in layers[:-1]:
+    hidden = layers[:-1]
+    for node in hidden:
         if node.target not in unit_map.consumers:
             raise PathGeometryError(f"balance() needs a layered network; units of '{node.target}' cannot be rescaled: "
                                     f"{unit_map.blocked.get(node.target, 'they have no consumer')}")
-    depth = len(layers)
-    t = float(path_norm_of(graph, p)) ** (1.0 / depth)
-    values = _twin_values(graph, p)  # at a Linear's output: gamma_in of its units
+    t = float(path_norm_of(graph, p)) ** (1.0 / len(layers))
     factors = {}
-    for level, name in enumerate(hidden, start=1):
-        node = next(n for n in layers if n.target == name)
-        gamma_in = values[node].reshape(-1)
-        wanted = t ** (level * p)
-        factor = (wanted / gamma_in).pow(1.0 / p)
-        factors[name] = torch.where(torch.isfinite(factor) & (factor > 0), factor, torch.ones_like(factor))
+    for level, node in enumerate(hidden, start=1):
+        gamma_in = unit_map.values[node].reshape(-1)  # the twin at a Linear's output
+        factor = (t ** (level * p) / gamma_in).pow(1.0 / p)
+        factors[node.target] = torch.where(torch.isfinite(factor) & (factor > 0), factor, torch.ones_like(factor))
     return _rescale(unit_map, factors)
