@@ -10,7 +10,7 @@ from torch.optim import Optimizer
 
 from pl_pathsgd.paths.errors import PathGeometryError
 from pl_pathsgd.paths.fast_linear import row_block, scratch
-from pl_pathsgd.paths.graph import PathGraph
+from pl_pathsgd.paths.graph import PathGraph, trace
 from pl_pathsgd.paths.norms import DenseScaling, OuterScaling, Scaling, check_p, scaling_of
 
 
@@ -76,8 +76,9 @@ class PathSGD(Optimizer):
             fine, but every one of them must lie on a path of ``model``.
         lr: learning rate.
         model: the network whose path geometry defines the divisors (for a LightningModule, the module
-            itself or its network). Checked when the optimizer is built: unsupported layers raise
-            :class:`~pl_pathsgd.paths.errors.UnsupportedModelError` naming each of them.
+            itself or its network). Checked when the optimizer is bound: unsupported layers raise
+            :class:`~pl_pathsgd.paths.errors.UnsupportedModelError` naming each of them. Without it the
+            optimizer must be bound with :meth:`bind` before its first step.
         p: the l_p path-norm whose geometry is followed (p >= 1; the paper uses 2).
         momentum, dampening, nesterov, weight_decay: as in :class:`torch.optim.SGD`.
         input_shape: shape of one example without the batch dimension; inferred when the network
@@ -107,8 +108,6 @@ class PathSGD(Optimizer):
         eps: float | None = None,
         dtype: torch.dtype | None = None,
     ):
-        if model is None:
-            raise TypeError("PathSGD needs the network whose path geometry it follows: pass model=<your nn.Module>")
         if lr < 0:
             raise ValueError(f"Invalid learning rate: {lr} (must be >= 0)")
         if momentum < 0:
@@ -126,14 +125,38 @@ class PathSGD(Optimizer):
         self.p = check_p(p, allow_inf=False)
         self.eps = eps
         self.dtype = dtype
-        self.model = model
-        self.graph = PathGraph(model, input_shape)
-        self._model_parameters = list(model.parameters())
+        self.model: nn.Module | None = None
+        self.graph: PathGraph | None = None
+        self._model_parameters: list[Tensor] = []
         #: dtype in which the last step's geometry was computed (after any float64 fallback)
         self.last_geometry_dtype: torch.dtype | None = None
         #: number of steps whose geometry had to be recomputed in float64
         self.geometry_fallbacks = 0
+        if model is not None:
+            self.bind(model, input_shape)
+        elif input_shape is not None:
+            raise ValueError("input_shape is given without model; pass both, or give input_shape to bind()")
+
+    def bind(self, model: nn.Module, input_shape: tuple[int, ...] | None = None) -> PathSGD:
+        """Follow the path geometry of ``model`` (the network the parameters belong to); returns ``self``.
+
+        ``PathSGD(params, model=net)`` binds at construction.  An optimizer built from parameters alone
+        (by LightningCLI, a factory function or ``functools.partial``) is bound by whoever owns the network,
+        e.g. :class:`~pl_pathsgd.PathSGDMixin` in ``configure_optimizers``.  The network is traced once per
+        input shape (:func:`pl_pathsgd.paths.trace`); an unsupported network raises here, before any step.
+        """
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"PathSGD.bind needs the network (an nn.Module), got {type(model).__name__}")
+        graph = trace(model, input_shape)
+        self.model, self.graph = model, graph
+        self._model_parameters = list(model.parameters())
         self._check_params_on_paths(self._geometry(count=False))
+        return self
+
+    @property
+    def is_bound(self) -> bool:
+        """Whether the optimizer knows the network whose geometry it follows."""
+        return self.graph is not None
 
     def _check_params_on_paths(self, scalings: dict[int, Scaling]) -> None:
         names = {id(t): n for n, t in self.model.named_parameters()}
@@ -181,6 +204,9 @@ class PathSGD(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.graph is None:
+            raise RuntimeError("PathSGD is not bound to a network: pass model=<the network> when building it, or call "
+                               "optimizer.bind(network) before the first step (PathSGDMixin does this for you)")
         scalings = self._geometry()
         for group in self.param_groups:
             by_dtype: dict[torch.dtype, list[Tensor]] = {}

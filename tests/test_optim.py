@@ -98,14 +98,35 @@ def test_subset_of_parameters_is_fine_but_off_path_ones_are_refused():
 
 def test_bad_arguments_are_explained():
     model = net()
-    with pytest.raises(TypeError, match="model="):
-        P.PathSGD(model.parameters(), lr=0.1)
+    unbound = P.PathSGD(model.parameters(), lr=0.1)
+    nn.functional.mse_loss(model(torch.randn(4, 5, dtype=torch.float64)), torch.zeros(4, 3, dtype=torch.float64)).backward()
+    with pytest.raises(RuntimeError, match="not bound to a network"):
+        unbound.step()
+    with pytest.raises(TypeError, match="nn.Module"):
+        unbound.bind("not a network")
     with pytest.raises(ValueError, match="p must be >= 1"):
         P.PathSGD(model.parameters(), lr=0.1, model=model, p=0.5)
     with pytest.raises(ValueError, match="finite p"):
         P.PathSGD(model.parameters(), lr=0.1, model=model, p=float("inf"))
     with pytest.raises(ValueError, match="learning rate"):
         P.PathSGD(model.parameters(), lr=-1, model=model)
+
+
+def test_an_optimizer_built_from_parameters_alone_is_bound_later():
+    model = net()
+    x, y = torch.randn(8, 5, dtype=torch.float64), torch.randn(8, 3, dtype=torch.float64)
+    bound_late = P.PathSGD(model.parameters(), lr=0.1)
+    assert not bound_late.is_bound
+    assert bound_late.bind(model) is bound_late and bound_late.is_bound
+    twin = net()
+    twin.load_state_dict(model.state_dict())
+    bound_early = P.PathSGD(twin.parameters(), lr=0.1, model=twin)
+    for network, optimizer in ((model, bound_late), (twin, bound_early)):
+        optimizer.zero_grad()
+        nn.functional.mse_loss(network(x), y).backward()
+        optimizer.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
 
 
 def test_state_dict_round_trip_continues_bit_identically():

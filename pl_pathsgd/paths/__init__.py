@@ -5,7 +5,7 @@ Nothing here imports Lightning.
 
 from pl_pathsgd.paths.batchnorm import freeze_batchnorm
 from pl_pathsgd.paths.errors import PathGeometryError, UnsupportedModelError
-from pl_pathsgd.paths.graph import PathGraph
+from pl_pathsgd.paths.graph import PathGraph, trace
 from pl_pathsgd.paths.norms import path_norm, path_scaling
 from pl_pathsgd.paths.rescaling import (
     balance,
@@ -28,5 +28,6 @@ __all__ = [
     "path_scaling",
     "rescalable_units",
     "rescale_units",
+    "trace",
     "unbalanced_init_",
 ]

@@ -12,7 +12,9 @@ Every unsupported module or operation is collected and reported together in one
 
 from __future__ import annotations
 
+import copy
 import operator
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -201,6 +203,15 @@ class PathGraph:
         ]
         self.input_shape = self._input_shape(input_shape)
         self._check_runs()
+
+    def bind(self, model: nn.Module) -> PathGraph:
+        """The same traced graph evaluated on ``model``, a structurally identical network (e.g. a deep copy)."""
+        if [n for n, _ in self.model.named_modules()] != [n for n, _ in model.named_modules()]:
+            raise PathGeometryError(f"{type(model).__name__} is not structurally identical to the traced "
+                                    f"{type(self.model).__name__}; trace it instead")
+        bound = copy.copy(self)
+        bound.model = model
+        return bound
 
     # -- tracing and support check
 
@@ -416,3 +427,24 @@ def _batchnorm(module: nn.modules.batchnorm._BatchNorm, x: Tensor, run: TwinPass
                                      run.power(shift).requires_grad_(run.track))
     scale, shift = run.batchnorm_leaves[key]
     return twin_ops.batchnorm_twin(x, scale, shift, run.mode)
+
+
+# ----------------------------------------------------------------------------- one trace per network and shape
+
+_TRACES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def trace(model: nn.Module | PathGraph, input_shape: tuple[int, ...] | None = None) -> PathGraph:
+    """The :class:`PathGraph` of ``model`` for ``input_shape``, traced once and then shared.
+
+    The optimizer, the norms and every callback that asks for the same network and input shape get the
+    same graph, so a run traces its network once.  A :class:`PathGraph` is returned as it is.
+    """
+    if isinstance(model, PathGraph):
+        return model
+    key = None if input_shape is None else ((input_shape,) if isinstance(input_shape, int) else tuple(input_shape))
+    graphs = _TRACES.setdefault(model, {})
+    graph = graphs.get(key)
+    if graph is None:
+        graph = graphs[key] = PathGraph(model, key)
+    return graph

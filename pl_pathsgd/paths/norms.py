@@ -48,6 +48,7 @@ from pl_pathsgd.paths.graph import (
     PASS_THROUGH_MODULES,
     PathGraph,
     TwinPass,
+    trace,
 )
 from pl_pathsgd.paths.twin_ops import batchnorm_affine
 
@@ -78,7 +79,7 @@ def path_norm(model: nn.Module, p: float = 2, input_shape: tuple[int, ...] | Non
         >>> float(path_norm(net, p=2)) > 0
         True
     """
-    return path_norm_of(PathGraph(model, input_shape), p, dtype)
+    return path_norm_of(trace(model, input_shape), p, dtype)
 
 
 def path_norm_of(graph: PathGraph, p: float = 2, dtype: torch.dtype = torch.float64) -> Tensor:
@@ -317,7 +318,8 @@ def path_scaling(model: nn.Module, p: float = 2, input_shape: tuple[int, ...] | 
     divisors are raised to at least ``eps`` (default: the smallest normal number of the
     parameter's dtype) so that they can always be divided by.
     """
-    graph = PathGraph(model, input_shape)
+    graph = trace(model, input_shape)
+    model = graph.model
     scalings = scaling_of(graph, p)
     result = {}
     for name, parameter in model.named_parameters():

@@ -35,6 +35,7 @@ from pl_pathsgd.paths.graph import (
     SHAPE_MODULES,
     PathGraph,
     TwinPass,
+    trace,
 )
 from pl_pathsgd.paths.norms import check_p, path_norm_of
 
@@ -206,7 +207,7 @@ def _scale_consumer(consumer: _Consumer, factor: Tensor) -> None:
 
 def rescalable_units(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> dict[str, int]:
     """The layers whose output units can be rescaled on their own, with their unit counts."""
-    return UnitMap(PathGraph(model, input_shape)).units()
+    return UnitMap(trace(model, input_shape)).units()
 
 
 def rescale_units(model: nn.Module, factors: dict[str, Tensor], input_shape: tuple[int, ...] | None = None) -> nn.Module:
@@ -217,7 +218,7 @@ def rescale_units(model: nn.Module, factors: dict[str, Tensor], input_shape: tup
     its path-norms.  Raises if a layer's units cannot be rescaled alone (they reach the output or a
     residual addition) or a factor is not positive and finite.
     """
-    return _rescale(UnitMap(PathGraph(model, input_shape)), factors)
+    return _rescale(UnitMap(trace(model, input_shape)), factors)
 
 
 def _rescale(unit_map: UnitMap, factors: dict[str, Tensor]) -> nn.Module:
@@ -283,7 +284,7 @@ def unbalanced_init_(
     and divide its outgoing weights by it, with c ~ LogNormal(0, 1). The function and the path-norms
     do not change; SGD's progress does.
     """
-    unit_map = UnitMap(PathGraph(model, input_shape))
+    unit_map = UnitMap(trace(model, input_shape))
     counts = unit_map.units()
     total = sum(counts.values())
     if total == 0:
@@ -333,7 +334,8 @@ def balance(model: nn.Module, p: float = 2, input_shape: tuple[int, ...] | None 
     (phi_p <= mu^d still holds whenever mu >= 1).
     """
     p = check_p(p, allow_inf=False)
-    graph = PathGraph(model, input_shape)
+    graph = trace(model, input_shape)
+    model = graph.model
     unit_map = UnitMap(graph, p)
     layers = graph.parametrized_nodes
     if not layers or not all(isinstance(graph.module(n), nn.Linear) for n in layers):
