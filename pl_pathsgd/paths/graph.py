@@ -174,6 +174,9 @@ class TwinPass:
 
 Handler = Callable[[tuple, dict, TwinPass], Any]
 
+#: Number of networks traced in this process (each :func:`trace` of a new network or input shape adds one).
+TRACE_COUNT = 0
+
 
 class PathGraph:
     """A traced network whose path twin can be evaluated for the current weights.
@@ -185,6 +188,8 @@ class PathGraph:
     """
 
     def __init__(self, model: nn.Module, input_shape: tuple[int, ...] | None = None):
+        global TRACE_COUNT
+        TRACE_COUNT += 1
         self.model = model
         self.graph = self._trace(model)
         self._handlers: dict[fx.Node, Handler] = {}
