@@ -19,6 +19,7 @@ from pl_pathsgd.paths import (
     path_scaling,
     rescalable_units,
     rescale_units,
+    trace,
     unbalanced_init_,
 )
 
@@ -49,5 +50,6 @@ __all__ = [
     "path_scaling",
     "rescalable_units",
     "rescale_units",
+    "trace",
     "unbalanced_init_",
 ]

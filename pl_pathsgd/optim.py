@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 
 import torch
@@ -10,14 +11,14 @@ from torch.optim import Optimizer
 
 from pl_pathsgd.paths.errors import PathGeometryError
 from pl_pathsgd.paths.fast_linear import row_block, scratch
+from pl_pathsgd.paths.geometry import StepGeometry, step_divisors
 from pl_pathsgd.paths.graph import PathGraph, trace
-from pl_pathsgd.paths.norms import DenseScaling, OuterScaling, Scaling, check_p, scaling_of
-
+from pl_pathsgd.paths.norms import DenseScaling, OuterScaling, Scaling, check_p
 
 # torch's fused SGD kernel (what ``torch.optim.SGD(fused=True)`` runs): the momentum update of a
 # block in one pass over parameter, gradient and buffer.  Eager ops do the same where it is missing.
 _FUSED_SGD = getattr(torch, "_fused_sgd_", None)
-_SMALL = 1 << 16  # factors up to this size are range-checked together, larger ones one by one
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 class PathSGD(Optimizer):
@@ -31,7 +32,9 @@ class PathSGD(Optimizer):
 
     (see :mod:`pl_pathsgd.paths.norms`).  The divisors cost one forward and one backward pass of the
     network's path twin at batch size 1, whatever the training batch; a Linear layer's divisor is
-    the outer product gamma_out (x) gamma_in and is never materialised.
+    the outer product gamma_out (x) gamma_in and is never materialised.  The divisors come from the
+    path engine (:func:`pl_pathsgd.paths.geometry.step_divisors`); this class only applies them, as
+    :class:`torch.optim.SGD` applies its functional ``sgd``.
 
     The update is invariant to node-wise rescaling (Theorem 5.1): from w and from any rescaling of
     w, the trajectories stay rescalings of each other and compute the same function.  Momentum
@@ -39,58 +42,53 @@ class PathSGD(Optimizer):
     invariance.  ``weight_decay`` adds ``weight_decay * w`` to the gradient before normalising,
     like SGD; it is off by default because it breaks the invariance.
 
-    **Precision.**  By default (``dtype=None``) the twin runs in the parameters' dtype (float32 for a
-    float32 model, float64 for a float64 one; float16/bfloat16 models use float32).  The twin's sums
-    have only non-negative terms, so float32 loses nothing to cancellation; what it can lose is
-    *range*: over many layers the path products can overflow, or underflow to zero or into the
-    subnormal numbers, where they keep fewer bits.  So every step checks what it computed: if any
-    factor of any divisor is infinite or NaN, or comes from a gamma below ``tiny / eps`` of that
-    dtype (2^-103, about 1e-31, in float32), that step's geometry is recomputed in float64 and the
-    float64 divisors are used (:attr:`last_geometry_dtype` says which dtype the last step used,
-    :attr:`geometry_fallbacks` counts the recomputations).  A unit that genuinely has no path to an
-    output (all its outgoing weights exactly zero) has a zero divisor in any precision, so such a
-    model pays the float64 recomputation at every step, for the same result.  A 50-layer,
-    width-64 float32 MLP with PyTorch's default initialisation stays in float32 (its smallest
-    gammas are about 4e-25).  Pass ``dtype=torch.float64`` to always compute the geometry in
-    float64, with no check (about twice the twin's cost for wide layers, still without copies).
+    **Precision, per parameter dtype.**  The geometry runs in the working dtype of the network's
+    parameters, with a float64 fallback for a step whose numbers leave the normal range
+    (:mod:`pl_pathsgd.paths.geometry`; :attr:`last_geometry_dtype`, :attr:`geometry_fallbacks`):
+
+    * float64 parameters: geometry, division and update in float64;
+    * float32 parameters: geometry in float32 (float64 on fallback), division and update in float32;
+    * float16 and bfloat16 parameters: geometry in float32 (float64 on fallback); the gradient is
+      divided in float32, the update ``w - lr * step`` is computed in float32 and rounded once to the
+      parameter's dtype, so it equals the float64 reference within that dtype's rounding.  A momentum
+      buffer is kept in the parameter's dtype, as :class:`torch.optim.SGD` does.
+
+    Pass ``dtype=torch.float64`` to always compute the geometry in float64, with no check.
 
     **Memory and cost.**  A step allocates nothing of a weight's size.  The twin never builds |W|^p:
     it reads each Linear weight in blocks of rows through a reused scratch buffer
-    (:mod:`pl_pathsgd.paths.fast_linear`).  For an MLP (a chain of Linear layers and ReLU-like
-    activations) the twin is two sweeps of matrix-vector products with no autograd, and the largest
-    hidden layer does its forward and backward product in a single read (see
-    :func:`pl_pathsgd.paths.norms.scaling_of`); other networks use an autograd twin whose Linear
-    layers read their weight once forward and once backward.  The update of a Linear weight is
-    fused and blockwise: per block of rows, ``(grad + wd * w) * (1/gamma_in)[None, :]
+    (:mod:`pl_pathsgd.paths.fast_linear`).  For an MLP the twin is two sweeps of matrix-vector
+    products with no autograd (:func:`pl_pathsgd.paths.norms.scaling_of`).  The update of a Linear
+    weight is fused and blockwise: per block of rows, ``(grad + wd * w) * (1/gamma_in)[None, :]
     * (1/gamma_out)[:, None]`` goes into the scratch buffer, then momentum buffer and parameter are
-    updated in place together (torch's fused SGD kernel where available), so parameter, gradient
-    and momentum buffer are each read from memory once, as in SGD.  Extra memory: the momentum buffers (as in
-    SGD) plus one scratch buffer of at most :data:`~pl_pathsgd.paths.fast_linear.BLOCK_BYTES`
-    (8 MiB, or one row if a row is longer) per thread and device, shared by all layers and reused at
-    every step.  Parameters whose divisor is not an outer product (biases, convolution kernels,
-    BatchNorm, a Linear layer called more than once per forward) get a dense divisor of their own
-    size, which the autograd twin computes anyway, and a dense update.
+    updated in place together (torch's fused SGD kernel where available), so parameter, gradient and
+    momentum buffer are each read from memory once, as in SGD.  Extra memory: the momentum buffers
+    (as in SGD) plus one scratch buffer of at most :data:`~pl_pathsgd.paths.fast_linear.BLOCK_BYTES`
+    (8 MiB, or one row if a row is longer) per thread and device.  Parameters whose divisor is not an
+    outer product (biases, convolution kernels, BatchNorm, a Linear layer called more than once per
+    forward) get a dense divisor of their own size and a dense update.
 
     Args:
         params: parameters to optimise, or param groups (dicts). A subset of ``model``'s parameters is
             fine, but every one of them must lie on a path of ``model``.
         lr: learning rate.
-        model: the network whose path geometry defines the divisors (for a LightningModule, the module
-            itself or its network). Checked when the optimizer is bound: unsupported layers raise
-            :class:`~pl_pathsgd.paths.errors.UnsupportedModelError` naming each of them. Without it the
-            optimizer must be bound with :meth:`bind` before its first step.
+        model: the network whose path geometry defines the divisors (for a LightningModule, its network).
+            Checked when the optimizer is bound: an unsupported network raises
+            :class:`~pl_pathsgd.paths.errors.UnsupportedModelError` naming each offending operation.
+            Without it the optimizer must be bound with :meth:`bind` before its first step.
         p: the l_p path-norm whose geometry is followed (p >= 1; the paper uses 2).
         momentum, dampening, nesterov, weight_decay: as in :class:`torch.optim.SGD`.
         input_shape: shape of one example without the batch dimension; inferred when the network
             starts with a Linear layer.
         eps: smallest divisor. A divisor is 0 only on an edge that no path uses (a dead unit), where the
-            gradient is 0 too; raising it to ``eps`` (default: the smallest normal number of the
-            parameter's dtype) makes that update exactly 0 instead of 0/0.
-        dtype: precision of the geometry computation. ``None`` (default): the parameters' dtype, with
-            the float64 fallback described above. A dtype (e.g. ``torch.float64``): always that one,
-            with no check and no fallback.
+            gradient is 0 too; raising it to ``eps`` (default: the smallest normal number of the dtype
+            the division runs in) makes that update exactly 0 instead of 0/0.
+        dtype: precision of the geometry. ``None`` (default): the working dtype above, with the float64
+            fallback. A dtype (e.g. ``torch.float64``): always that one, with no check and no fallback.
 
-    ``step(closure=None)``: the closure is optional (Lightning runs it itself under mixed precision).
+    ``p``, ``eps`` and ``dtype`` are per-group options (a param group may set its own) and are saved in
+    :meth:`state_dict`.  ``step(closure=None)``: the closure is optional (Lightning runs it itself under
+    mixed precision).
     """
 
     def __init__(
@@ -108,34 +106,44 @@ class PathSGD(Optimizer):
         eps: float | None = None,
         dtype: torch.dtype | None = None,
     ):
-        if lr < 0:
-            raise ValueError(f"Invalid learning rate: {lr} (must be >= 0)")
-        if momentum < 0:
-            raise ValueError(f"Invalid momentum value: {momentum} (must be >= 0)")
-        if weight_decay < 0:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay} (must be >= 0)")
-        if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError("Nesterov momentum requires a momentum > 0 and zero dampening")
-        if eps is not None and eps <= 0:
-            raise ValueError(f"Invalid eps: {eps} (must be > 0)")
-        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise ValueError(f"Invalid dtype: {dtype!r} (must be None or a floating-point torch.dtype)")
-        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=weight_decay)
+        if input_shape is not None and model is None:
+            raise ValueError("input_shape is given without model; pass both, or give input_shape to bind()")
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=weight_decay,
+                        p=p, eps=eps, dtype=dtype)
+        _check_options(defaults)
         super().__init__(params, defaults)
-        self.p = check_p(p, allow_inf=False)
-        self.eps = eps
-        self.dtype = dtype
         self.model: nn.Module | None = None
         self.graph: PathGraph | None = None
-        self._model_parameters: list[Tensor] = []
+        self._names: dict[int, str] = {}
         #: dtype in which the last step's geometry was computed (after any float64 fallback)
         self.last_geometry_dtype: torch.dtype | None = None
         #: number of steps whose geometry had to be recomputed in float64
         self.geometry_fallbacks = 0
         if model is not None:
             self.bind(model, input_shape)
-        elif input_shape is not None:
-            raise ValueError("input_shape is given without model; pass both, or give input_shape to bind()")
+
+    def add_param_group(self, param_group: dict) -> None:
+        _check_options({**self.defaults, **param_group})
+        if "p" in param_group:
+            param_group["p"] = check_p(param_group["p"], allow_inf=False)
+        super().add_param_group(param_group)
+
+    @property
+    def p(self) -> float:
+        """The default ``p`` (a param group may override it)."""
+        return self.defaults["p"]
+
+    @property
+    def eps(self) -> float | None:
+        """The default ``eps``."""
+        return self.defaults["eps"]
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """The default geometry dtype."""
+        return self.defaults["dtype"]
+
+    # ------------------------------------------------------------------ the network
 
     def bind(self, model: nn.Module, input_shape: tuple[int, ...] | None = None) -> PathSGD:
         """Follow the path geometry of ``model`` (the network the parameters belong to); returns ``self``.
@@ -149,8 +157,8 @@ class PathSGD(Optimizer):
             raise TypeError(f"PathSGD.bind needs the network (an nn.Module), got {type(model).__name__}")
         graph = trace(model, input_shape)
         self.model, self.graph = model, graph
-        self._model_parameters = list(model.parameters())
-        self._check_params_on_paths(self._geometry(count=False))
+        self._names = {id(t): n for n, t in model.named_parameters()}
+        self._check_params_on_paths()
         return self
 
     @property
@@ -158,43 +166,23 @@ class PathSGD(Optimizer):
         """Whether the optimizer knows the network whose geometry it follows."""
         return self.graph is not None
 
-    def _check_params_on_paths(self, scalings: dict[int, Scaling]) -> None:
-        names = {id(t): n for n, t in self.model.named_parameters()}
+    def _check_params_on_paths(self) -> None:
+        on_paths = set()
+        for p, dtype in {(g["p"], g["dtype"]) for g in self.param_groups}:
+            geometry = step_divisors(self.graph, p, dtype)
+            on_paths |= set(geometry.scalings)
+            self.last_geometry_dtype = geometry.dtype
         off_path = [
-            names.get(id(param), f"<parameter of shape {tuple(param.shape)} not in the model>")
+            self._names.get(id(param), f"<parameter of shape {tuple(param.shape)} not in the model>")
             for group in self.param_groups
             for param in group["params"]
-            if id(param) not in scalings
+            if self._names.get(id(param)) not in on_paths
         ]
         if off_path:
             raise PathGeometryError(
                 f"PathSGD got parameters that no path of {type(self.model).__name__} uses: {', '.join(off_path)}. "
                 "Path-SGD has no divisor for them; optimise them with another optimizer or leave them out."
             )
-
-    # ------------------------------------------------------------------ geometry
-
-    def _working_dtype(self) -> torch.dtype:
-        """The parameters' dtype (promoted over the model), at least float32."""
-        dtype = torch.float32
-        for param in self._model_parameters:
-            if param.dtype.is_floating_point:
-                dtype = torch.promote_types(dtype, param.dtype)
-        return dtype if dtype in (torch.float32, torch.float64) else torch.float64
-
-    def _geometry(self, count: bool = True) -> dict[int, Scaling]:
-        """The divisors of this step: in ``self.dtype``, or in the working dtype with a float64 fallback."""
-        if self.dtype is not None:
-            self.last_geometry_dtype = self.dtype
-            return scaling_of(self.graph, self.p, self.dtype)
-        dtype = self._working_dtype()
-        scalings = scaling_of(self.graph, self.p, dtype)
-        if dtype != torch.float64 and not _in_normal_range(scalings, dtype, self.p):
-            dtype = torch.float64
-            scalings = scaling_of(self.graph, self.p, dtype)
-            self.geometry_fallbacks += count
-        self.last_geometry_dtype = dtype
-        return scalings
 
     # ------------------------------------------------------------------ update
 
@@ -207,7 +195,7 @@ class PathSGD(Optimizer):
         if self.graph is None:
             raise RuntimeError("PathSGD is not bound to a network: pass model=<the network> when building it, or call "
                                "optimizer.bind(network) before the first step (PathSGDMixin does this for you)")
-        scalings = self._geometry()
+        geometries: dict[tuple, StepGeometry] = {}
         for group in self.param_groups:
             by_dtype: dict[torch.dtype, list[Tensor]] = {}
             for param in group["params"]:
@@ -216,13 +204,22 @@ class PathSGD(Optimizer):
                 if param.grad.is_sparse:
                     raise RuntimeError("PathSGD does not support sparse gradients")
                 by_dtype.setdefault(param.grad.dtype, []).append(param)
+            if not by_dtype:
+                continue
+            key = (group["p"], group["dtype"])
+            if key not in geometries:
+                geometries[key] = step_divisors(self.graph, *key)
+                self.geometry_fallbacks += geometries[key].fell_back
+                self.last_geometry_dtype = geometries[key].dtype
+            scalings = geometries[key].scalings
             for dtype, params in by_dtype.items():
-                self._update(params, [scalings[id(param)] for param in params], group, dtype)
+                self._update(params, [scalings[self._names[id(param)]] for param in params], group, dtype)
         return loss
 
-    def _update(self, params: list[Tensor], scalings: list[Scaling], group: dict, dtype: torch.dtype) -> None:
-        """One group's parameters whose gradients have ``dtype``; the small vector work is batched."""
-        floor = torch.finfo(dtype).tiny if self.eps is None else self.eps
+    def _update(self, params: list[Tensor], scalings: list[Scaling], group: dict, grad_dtype: torch.dtype) -> None:
+        """One group's parameters whose gradients have ``grad_dtype``; the small vector work is batched."""
+        dtype = torch.float32 if grad_dtype in _LOW_PRECISION else grad_dtype  # the division's dtype
+        floor = torch.finfo(dtype).tiny if group["eps"] is None else group["eps"]
         outer = [i for i, (param, s) in enumerate(zip(params, scalings)) if isinstance(s, OuterScaling) and param.dim() == 2]
         in_outer = set(outer)
         dense = [i for i in range(len(params)) if i not in in_outer]
@@ -234,33 +231,39 @@ class PathSGD(Optimizer):
         if inverses:
             torch._foreach_reciprocal_(inverses)
         for n, i in enumerate(outer):
-            self._outer_update(params[i], inverses[2 * n], inverses[2 * n + 1], group)
+            self._outer_update(params[i], inverses[2 * n], inverses[2 * n + 1], group, dtype)
         if dense:
-            self._dense_update([params[i] for i in dense], clamped[len(factors):], group)
+            self._dense_update([params[i] for i in dense], clamped[len(factors):], group, dtype)
 
-    def _dense_update(self, params: list[Tensor], divisors: list[Tensor], group: dict) -> None:
-        """Parameters with a divisor of their own shape (biases, kernels): d = (grad + wd * w) / divisor."""
-        grads = [param.grad for param in params]
-        if group["weight_decay"]:
-            grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
-        directions = torch._foreach_div(grads, divisors)
+    def _buffer(self, param: Tensor, group: dict) -> tuple[Tensor | None, bool]:
+        """The momentum buffer of ``param`` (None without momentum) and whether this is its first step."""
         if group["momentum"] == 0:
+            return None, False
+        state = self.state[param]
+        buffer = state.get("momentum_buffer")
+        if buffer is None:
+            buffer = state["momentum_buffer"] = torch.empty_like(param, memory_format=torch.preserve_format)
+            return buffer, True
+        return buffer, False
+
+    def _dense_update(self, params: list[Tensor], divisors: list[Tensor], group: dict, dtype: torch.dtype) -> None:
+        """Parameters with a divisor of their own shape (biases, kernels): d = (grad + wd * w) / divisor."""
+        grads = [param.grad if param.grad.dtype == dtype else param.grad.to(dtype) for param in params]
+        if group["weight_decay"]:
+            grads = torch._foreach_add(grads, [p if p.dtype == dtype else p.to(dtype) for p in params],
+                                       alpha=group["weight_decay"])
+        directions = torch._foreach_div(grads, divisors)
+        if group["momentum"] == 0 and params[0].dtype == dtype:
             torch._foreach_add_(params, directions, alpha=-group["lr"])
             return
-        first_steps, later_steps = [], []
-        for i, param in enumerate(params):
-            state = self.state[param]
-            if state.get("momentum_buffer") is None:
-                state["momentum_buffer"] = torch.empty_like(param, memory_format=torch.preserve_format)
-                first_steps.append(i)
-            else:
-                later_steps.append(i)
-        for chosen, first in ((first_steps, True), (later_steps, False)):
+        buffers = [self._buffer(param, group) for param in params]
+        for first in (True, False):
+            chosen = [i for i, (_, is_first) in enumerate(buffers) if is_first is first]
             if chosen:
                 self._momentum([params[i] for i in chosen], [directions[i] for i in chosen],
-                               [self.state[params[i]]["momentum_buffer"] for i in chosen], group, first)
+                               [buffers[i][0] for i in chosen], group, first)
 
-    def _outer_update(self, param: Tensor, inv_out: Tensor, inv_in: Tensor, group: dict) -> None:
+    def _outer_update(self, param: Tensor, inv_out: Tensor, inv_in: Tensor, group: dict, dtype: torch.dtype) -> None:
         """The update of a weight with divisor out (x) in, fused, one block of rows at a time.
 
         Same arithmetic as the dense path: d = (grad + wd * w) * (1/in)[None, :] * (1/out)[:, None]
@@ -269,38 +272,37 @@ class PathSGD(Optimizer):
         buffer, d + momentum * buffer (Nesterov), or d (no momentum).
         """
         grad = param.grad
-        lr, weight_decay, momentum = group["lr"], group["weight_decay"], group["momentum"]
-        buffer, first = None, False
-        if momentum != 0:
-            state = self.state[param]
-            buffer = state.get("momentum_buffer")
-            if buffer is None:
-                buffer = state["momentum_buffer"] = torch.empty_like(param, memory_format=torch.preserve_format)
-                first = True
-
+        lr, weight_decay = group["lr"], group["weight_decay"]
+        buffer, first = self._buffer(param, group)
         total_rows, columns = param.shape
-        rows = row_block(columns, grad.dtype)
-        work = scratch(min(rows, total_rows) * columns, grad.dtype, grad.device)
+        rows = row_block(columns, dtype)
+        work = scratch(min(rows, total_rows) * columns, dtype, grad.device)
         for start in range(0, total_rows, rows):
             stop = min(start + rows, total_rows)
             d = work[: (stop - start) * columns].view(stop - start, columns)
             g, w, inv_out_block = grad[start:stop], param[start:stop], inv_out[start:stop, None]
             if weight_decay:
-                torch.add(g, w, alpha=weight_decay, out=d)
+                torch.add(g.to(dtype), w.to(dtype), alpha=weight_decay, out=d)
                 d.mul_(inv_in)
             else:
                 torch.mul(g, inv_in, out=d)
-            if buffer is None:
+            if buffer is None and w.dtype == dtype:
                 w.addcmul_(d, inv_out_block, value=-lr)
             else:
-                self._momentum([w], [d.mul_(inv_out_block)], [buffer[start:stop]], group, first)
+                self._momentum([w], [d.mul_(inv_out_block)], [None if buffer is None else buffer[start:stop]],
+                               group, first)
 
     @staticmethod
-    def _momentum(params: list[Tensor], directions: list[Tensor], buffers: list[Tensor], group: dict,
+    def _momentum(params: list[Tensor], directions: list[Tensor], buffers: list[Tensor | None], group: dict,
                   first: bool) -> None:
         """buffer = d (first step) or momentum * buffer + (1 - dampening) * d, then
-        w -= lr * buffer (or lr * (d + momentum * buffer) with Nesterov); ``directions`` may be overwritten."""
+        w -= lr * buffer (or lr * (d + momentum * buffer) with Nesterov); ``directions`` may be overwritten.
+        Parameters of lower precision than the directions are updated in the directions' dtype and rounded once."""
         momentum, dampening, nesterov, lr = group["momentum"], group["dampening"], group["nesterov"], group["lr"]
+        if params[0].dtype != directions[0].dtype:
+            for param, direction, buffer in zip(params, directions, buffers):
+                _low_precision_update(param, direction, buffer, group, first)
+            return
         if _fusable(params + directions + buffers):  # one pass over each parameter, direction and buffer
             _FUSED_SGD(params, directions, buffers, weight_decay=0.0, momentum=momentum, lr=lr, dampening=dampening,
                        nesterov=nesterov, maximize=False, is_first_step=first)
@@ -311,6 +313,40 @@ class PathSGD(Optimizer):
             else:
                 buffer.mul_(momentum).add_(direction, alpha=1 - dampening)
             param.add_(direction.add_(buffer, alpha=momentum) if nesterov else buffer, alpha=-lr)
+
+
+def _low_precision_update(param: Tensor, direction: Tensor, buffer: Tensor | None, group: dict, first: bool) -> None:
+    """A float16/bfloat16 parameter: the step in the direction's dtype (float32), rounded once into the parameter."""
+    momentum, dampening, nesterov, lr = group["momentum"], group["dampening"], group["nesterov"], group["lr"]
+    step = direction
+    if buffer is not None:
+        velocity = direction.clone() if first else buffer.to(direction.dtype).mul_(momentum).add_(direction,
+                                                                                                  alpha=1 - dampening)
+        buffer.copy_(velocity)
+        step = direction.add(velocity, alpha=momentum) if nesterov else velocity
+    param.copy_(param.to(direction.dtype).sub_(step, alpha=lr))
+
+
+def _check_options(options: dict) -> None:
+    """Validate the hyper-parameters of PathSGD (defaults or one param group)."""
+    lr, momentum = options["lr"], options["momentum"]
+    if isinstance(lr, Tensor):
+        lr = float(lr)
+    if not lr >= 0:
+        raise ValueError(f"Invalid learning rate: {lr} (must be >= 0)")
+    if not momentum >= 0:
+        raise ValueError(f"Invalid momentum value: {momentum} (must be >= 0)")
+    if not options["weight_decay"] >= 0:
+        raise ValueError(f"Invalid weight_decay value: {options['weight_decay']} (must be >= 0)")
+    if options["nesterov"] and (momentum <= 0 or options["dampening"] != 0):
+        raise ValueError("Nesterov momentum requires a momentum > 0 and zero dampening")
+    eps = options["eps"]
+    if eps is not None and not (eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"Invalid eps: {eps} (must be a positive number, or None)")
+    dtype = options["dtype"]
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"Invalid dtype: {dtype!r} (must be None or a floating-point torch.dtype)")
+    check_p(options["p"], allow_inf=False)
 
 
 def _fusable(tensors) -> bool:
@@ -327,31 +363,3 @@ def _dense_divisor(scaling: Scaling, shape: torch.Size) -> Tensor:
     """A divisor with the parameter's shape (an outer product is formed only for a non-matrix parameter)."""
     divisor = scaling.divisor if isinstance(scaling, DenseScaling) else scaling.dense()
     return divisor.reshape(shape)
-
-
-def _in_normal_range(scalings: dict[int, Scaling], dtype: torch.dtype, p: float) -> bool:
-    """Whether every factor is finite and its gamma comfortably above the underflow range of ``dtype``.
-
-    A factor is gamma^(2/p), gamma a sum over paths of products of |w|^p.  If some gamma is below
-    tiny / eps (2^-103 in float32), its terms may have been rounded in the subnormal range, where
-    they keep fewer bits, or flushed to zero (the float64 twin would give a positive normal number);
-    an infinite or NaN factor is overflow.  Either way the step's geometry is recomputed in float64.
-    """
-    info = torch.finfo(dtype)
-    lowest = max(info.tiny, (info.tiny / info.eps) ** (2.0 / p))
-    small: list[Tensor] = []
-    bounds: list[Tensor] = []
-    for scaling in scalings.values():
-        factors = (scaling.out_factor, scaling.in_factor) if isinstance(scaling, OuterScaling) else (scaling.divisor,)
-        for factor in factors:
-            if factor.numel() <= _SMALL:
-                small.append(factor.reshape(-1))
-            elif factor.numel():
-                bounds.append(torch.stack(torch.aminmax(factor)))
-    if small:
-        bounds.append(torch.stack(torch.aminmax(torch.cat(small))))
-    if not bounds:
-        return True
-    low, high = torch.stack(bounds).T
-    low, high = float(low.min()), float(high.max())
-    return low >= lowest and high <= info.max  # False for NaN

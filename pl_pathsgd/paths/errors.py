@@ -19,7 +19,7 @@ class UnsupportedModelError(PathGeometryError):
         super().__init__(
             f"{model_name} cannot be handled by the path geometry ({len(problems)} problem"
             f"{'s' if len(problems) != 1 else ''}):\n{lines}\n"
-            "Path-SGD and path-norms need a network built from Linear/Conv layers, positively homogeneous "
-            "activations (ReLU, LeakyReLU, Identity), Dropout, pooling, eval-mode BatchNorm, flatten/view "
-            "and residual additions."
+            "Path-SGD and path-norms need a network built from Linear, Conv and ConvTranspose layers, positively "
+            "homogeneous activations (ReLU, LeakyReLU), dropout, pooling, eval-mode BatchNorm, reshapes, slicing, "
+            "concatenation, scalar multiples and residual additions (docs/extending.md: adding an operation)."
         )

@@ -32,25 +32,18 @@ parameter's dtype), so dividing by it never gives inf or NaN; the gradient of su
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass
 
 import torch
-import torch.fx as fx
 from torch import Tensor, nn
 
 from pl_pathsgd.paths.errors import PathGeometryError
 from pl_pathsgd.paths.fast_linear import power_products, power_sums
-from pl_pathsgd.paths.graph import (
-    BATCHNORMS,
-    PASS_THROUGH_FUNCTIONS,
-    PASS_THROUGH_METHODS,
-    PASS_THROUGH_MODULES,
-    PathGraph,
-    TwinPass,
-    trace,
-)
-from pl_pathsgd.paths.twin_ops import batchnorm_affine
+from pl_pathsgd.paths.graph import PathGraph, Program, trace
+from pl_pathsgd.paths.ops import Kind, TwinRun
+from pl_pathsgd.paths.ops.elementwise import Copy, PositivelyHomogeneous
+from pl_pathsgd.paths.ops.registry import GETITEM
+from pl_pathsgd.paths.ops.structural import View
 
 
 def check_p(p: float, allow_inf: bool) -> float:
@@ -65,14 +58,15 @@ def check_p(p: float, allow_inf: bool) -> float:
     return float(p)
 
 
-def path_norm(model: nn.Module, p: float = 2, input_shape: tuple[int, ...] | None = None,
+def path_norm(model: nn.Module | PathGraph, p: float = 2, input_shape: tuple[int, ...] | None = None,
               dtype: torch.dtype = torch.float64) -> Tensor:
     """The l_p path-norm phi_p(w) = (sum over input->output paths of prod |w_e|^p)^(1/p).
 
     Biases are edges from a constant unit of value 1, so paths also start at biases.  ``p`` may
     be any number >= 1 or ``math.inf`` (the largest path product).  Returns a scalar tensor of
-    ``dtype`` (float64 by default).  See :mod:`pl_pathsgd.paths.twin_ops` for pooling and
-    BatchNorm conventions.
+    ``dtype`` (float64 by default).  ``model`` may be a network or its traced graph
+    (:func:`~pl_pathsgd.paths.trace`).  See :mod:`pl_pathsgd.paths.ops` for the conventions of
+    pooling, BatchNorm and shared weights.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
@@ -87,8 +81,8 @@ def path_norm_of(graph: PathGraph, p: float = 2, dtype: torch.dtype = torch.floa
     p = check_p(p, allow_inf=True)
     with torch.no_grad():
         if math.isinf(p):
-            return graph.evaluate(TwinPass(p=p, mode="max", dtype=dtype)).amax()
-        total = graph.evaluate(TwinPass(p=p, mode="sum", dtype=dtype)).sum()
+            return graph.evaluate(TwinRun(p=p, mode="max", dtype=dtype)).amax()
+        total = graph.evaluate(TwinRun(p=p, mode="sum", dtype=dtype)).sum()
         return total if p == 1 else total.pow(1.0 / p)
 
 
@@ -117,8 +111,8 @@ Scaling = OuterScaling | DenseScaling
 
 
 def scaling_of(graph: PathGraph, p: float = 2, dtype: torch.dtype = torch.float64, *,
-               chain: bool = True, fast_linear: bool = True) -> dict[int, Scaling]:
-    """The Path-SGD divisors of every parameter on a path, keyed by ``id(parameter)``, before any epsilon.
+               chain: bool = True, fast_linear: bool = True) -> dict[str, Scaling]:
+    """The Path-SGD divisors of every parameter on a path, keyed by parameter name, before any epsilon.
 
     One forward and one backward pass of the twin at batch size 1.  Linear weights used once come back
     as :class:`OuterScaling` (never materialised); everything else as :class:`DenseScaling`.
@@ -131,102 +125,121 @@ def scaling_of(graph: PathGraph, p: float = 2, dtype: torch.dtype = torch.float6
     """
     p = check_p(p, allow_inf=False)
     power = 2.0 / p
-    layers = linear_chain(graph) if chain else None
+    program = graph.program()
+    names = graph.parameter_names(program)
+    layers = program_chain(program) if chain else None
     if layers is not None:
-        return _chain_scaling(layers, p, dtype)
-    run = TwinPass(p=p, mode="sum", dtype=dtype, track=True, fast_linear=fast_linear)
+        parameters = graph.parameters(program)
+        chain_layers = [(parameters[w], None if b is None else parameters[b]) for w, b in layers]
+        scalings = _chain_scaling(chain_layers, p, dtype)
+        result = {}
+        for (w, b), (weight_scaling, bias_scaling) in zip(layers, scalings):
+            result[names[w]] = weight_scaling
+            if b is not None:
+                result[names[b]] = bias_scaling
+        return result
+    run = TwinRun(p=p, mode="sum", dtype=dtype, track=True, fast_linear=fast_linear)
     with torch.enable_grad():
         total = graph.evaluate(run).sum()
-        leaves = [(key, leaf) for key, leaf in run.leaves.items() if leaf.requires_grad]
-        norms = [(key, pair) for key, pair in run.batchnorm_leaves.items()]
-        targets = [leaf for _, leaf in leaves]
-        targets += [t for _, pair in norms for t in pair]
-        targets += [out for _, _, out in run.linear_calls]
+        leaves = [(name, leaf) for name, leaf in run.leaves.items() if leaf.requires_grad]
+        calls = [(name, x, out) for name, pairs in run.linear_calls.items() for x, out in pairs]
+        targets = [leaf for _, leaf in leaves] + [out for _, _, out in calls]
         grads = torch.autograd.grad(total, targets, allow_unused=True) if targets else ()
     grads = [g if g is not None else torch.zeros_like(t) for g, t in zip(grads, targets)]
 
-    scalings: dict[int, Scaling] = {}
-    for (key, _), grad in zip(leaves, grads):
-        scalings[key] = DenseScaling(grad.pow(power))
-    grads = grads[len(leaves):]
-    modules = {id(m): m for m in graph.model.modules() if isinstance(m, BATCHNORMS)}
-    for i, (key, _) in enumerate(norms):
-        module = modules[key]
-        kappa_scale, kappa_shift = grads[2 * i], grads[2 * i + 1]
-        if module.weight is not None:
-            _, _, s = batchnorm_affine(module)
-            scalings[id(module.weight)] = DenseScaling(kappa_scale.pow(power) * s.to(dtype).square())
-        if module.bias is not None:
-            scalings[id(module.bias)] = DenseScaling(kappa_shift.pow(power))
-    grads = grads[2 * len(norms):]
-    scalings.update(_linear_weight_scalings(run, grads, power))
+    scalings: dict[str, Scaling] = {}
+    for (name, _), grad in zip(leaves, grads):
+        scalings[names[name]] = DenseScaling(grad.pow(power))
+    outer: dict[str, list[tuple[Tensor, Tensor]]] = {}
+    for (name, x, _), grad in zip(calls, grads[len(leaves):]):
+        outer.setdefault(name, []).append((grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])))
+    for name, pairs in outer.items():
+        scalings[names[name]] = _linear_weight_scaling(pairs, power)
     return scalings
 
 
-def _linear_weight_scalings(run: TwinPass, output_grads: list[Tensor], power: float) -> dict[int, Scaling]:
+def _linear_weight_scaling(pairs: list[tuple[Tensor, Tensor]], power: float) -> Scaling:
     """kappa = sum over calls and positions of gamma_out (x) gamma_in: an outer product when used once."""
-    calls: dict[int, list[tuple[Tensor, Tensor]]] = {}
-    for (module, x, _), grad in zip(run.linear_calls, output_grads):
-        calls.setdefault(id(module.weight), []).append(
-            (grad.reshape(-1, module.out_features), x.reshape(-1, module.in_features))
-        )
-    result: dict[int, Scaling] = {}
-    for key, pairs in calls.items():
-        out_vectors = torch.cat([g for g, _ in pairs])
-        in_vectors = torch.cat([x for _, x in pairs])
-        if out_vectors.shape[0] == 1:
-            result[key] = OuterScaling(out_vectors[0].pow(power), in_vectors[0].pow(power))
-        else:
-            result[key] = DenseScaling((out_vectors.T @ in_vectors).pow(power))
-    return result
+    out_vectors = torch.cat([g for g, _ in pairs])
+    in_vectors = torch.cat([x for _, x in pairs])
+    if out_vectors.shape[0] == 1:
+        return OuterScaling(out_vectors[0].pow(power), in_vectors[0].pow(power))
+    return DenseScaling((out_vectors.T @ in_vectors).pow(power))
 
 
 # ----------------------------------------------------------------------------- MLPs: the chain route
 
-_CHAINS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_PASS_THROUGH = (PositivelyHomogeneous, Copy)
 
 
-def linear_chain(graph: PathGraph) -> list[nn.Linear] | None:
-    """The Linear layers of ``graph`` in order, if the network is a chain of them; else None.
-
-    A chain: the input flows through one node after another, each a Linear layer or a pass-through
-    activation (ReLU, LeakyReLU, Dropout, Identity), into the output; the input is a vector; no
-    Linear layer is called twice and no parameter is shared.
-    """
-    if graph not in _CHAINS:
-        _CHAINS[graph] = _find_chain(graph)
-    return _CHAINS[graph]
-
-
-def _find_chain(graph: PathGraph) -> list[nn.Linear] | None:
-    nodes = list(graph.graph.nodes)
-    if len(nodes) < 3 or nodes[0].op != "placeholder" or nodes[-1].op != "output" or len(graph.input_shape) != 1:
+def linear_chain(graph: PathGraph) -> list[tuple[str, str | None]] | None:
+    """The (weight, bias) parameter names (as in ``named_parameters``) of the Linear layers of an MLP, in
+    order; None if the network is not a chain of Linear layers (see :func:`program_chain`)."""
+    layers = program_chain(graph.program())
+    if layers is None:
         return None
-    layers: list[nn.Linear] = []
-    current = nodes[0]
-    for node in nodes[1:]:
-        operands = [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, fx.Node)]
-        if operands != [current] or len(current.users) != 1 or (node.args and node.args[0] is not current):
+    names = graph.parameter_names()
+    return [(names[w], None if b is None else names[b]) for w, b in layers]
+
+
+def program_chain(program: Program) -> list[tuple[str, str | None]] | None:
+    """The (weight, bias) placeholder names of the Linear layers of an MLP, in order; else None.
+
+    A chain: the input (a vector per example, possibly reshaped into one) flows through one operation
+    after another, each a Linear layer whose weight and bias are parameters used nowhere else, or a
+    ReLU-like activation, dropout or copy, into the output.
+    """
+    return program.cached("linear_chain", lambda: _find_chain(program))
+
+
+def _find_chain(program: Program) -> list[tuple[str, str | None]] | None:
+    layers: list[tuple[str, str | None]] = []
+    current = program.input
+    if len(current.meta["val"].shape) != 2:
+        current = _reshaped_to_vector(program, current)
+        if current is None:
             return None
-        if node.op == "output":
-            break
-        if node.op == "call_module":
-            module = graph.module(node)
-            if isinstance(module, nn.Linear):
-                layers.append(module)
-            elif not isinstance(module, PASS_THROUGH_MODULES):
+    while current is not program.output:
+        users = [u for u in current.users if program.kinds.get(u) == Kind.ACT]
+        if len(users) != 1 or len(current.users) != 1:
+            return None
+        node = users[0]
+        step = next(s for s in program.steps if s.node is node)
+        if getattr(node.target, "overloadpacket", None) is torch.ops.aten.linear:
+            weight, bias = node.args[1], node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+            if node.args[0] is not current or not _own_placeholder(program, weight, node) or \
+                    (bias is not None and not _own_placeholder(program, bias, node)):
                 return None
-        elif not ((node.op == "call_function" and node.target in PASS_THROUGH_FUNCTIONS)
-                  or (node.op == "call_method" and node.target in PASS_THROUGH_METHODS)):
+            layers.append((weight.name, None if bias is None else bias.name))
+        elif node.target is GETITEM:
+            if node.args[1] != 0:
+                return None
+        elif not isinstance(step.rule, _PASS_THROUGH):
             return None
         current = node
-    parameters = [t for layer in layers for t in (layer.weight, layer.bias) if t is not None]
-    if not layers or len({id(t) for t in parameters}) != len(parameters):
+    return layers or None
+
+
+def _reshaped_to_vector(program: Program, node):
+    """The node after the input's reshape into one vector per example, if that is all that happens first."""
+    users = list(node.users)
+    if len(users) != 1 or getattr(users[0].target, "overloadpacket", None) not in _VIEWS:
         return None
-    return layers
+    reshaped = users[0]
+    return reshaped if len(reshaped.meta["val"].shape) == 2 else None
 
 
-def _chain_scaling(layers: list[nn.Linear], p: float, dtype: torch.dtype) -> dict[int, Scaling]:
+_VIEWS = tuple(packet for packet in (torch.ops.aten.view, torch.ops.aten._unsafe_view, torch.ops.aten.reshape,
+                                     torch.ops.aten.flatten))
+
+
+def _own_placeholder(program: Program, node, user) -> bool:
+    return (getattr(node, "op", None) == "placeholder" and program.kinds.get(node) == Kind.PARAM
+            and list(node.users) == [user])
+
+
+def _chain_scaling(layers: list[tuple[Tensor, Tensor | None]], p: float,
+                   dtype: torch.dtype) -> list[tuple[OuterScaling, DenseScaling | None]]:
     """The Path-SGD divisors of an MLP, from matrix-vector products with |W|^p and no autograd.
 
     gamma_in of layer j's inputs is v_j (v_0 = 1, v_{j+1} = |W_j|^p v_j + |b_j|^p) and gamma_out of its
@@ -236,11 +249,12 @@ def _chain_scaling(layers: list[nn.Linear], p: float, dtype: torch.dtype) -> dic
     depends only on the layers after j and v only on those before, the backward sweep runs first
     down to the largest hidden layer k, then the forward sweep up to it, and layer k computes both of
     its products in a single blockwise read of W_k; then both sweeps finish.  Each hidden weight
-    matrix is read twice, except the largest, read once.
+    matrix is read twice, except the largest, read once.  ``layers``: (weight, bias) pairs; returns the
+    (weight, bias) scalings of each layer.
     """
     d = len(layers)
-    weights = [layer.weight.detach() for layer in layers]
-    biases = [None if layer.bias is None else layer.bias.detach() for layer in layers]
+    weights = [weight.detach() for weight, _ in layers]
+    biases = [None if bias is None else bias.detach() for _, bias in layers]
     device = weights[0].device
     v: list[Tensor | None] = [None] * d
     g: list[Tensor | None] = [None] * d
@@ -281,13 +295,11 @@ def _chain_scaling(layers: list[nn.Linear], p: float, dtype: torch.dtype) -> dic
             forward(j)
 
     power = 2.0 / p
-    scalings: dict[int, Scaling] = {}
-    for j, layer in enumerate(layers):
+    scalings = []
+    for j in range(d):
         out_factor = g[j] if power == 1 else g[j].pow(power)
         in_factor = v[j] if power == 1 else v[j].pow(power)
-        scalings[id(layer.weight)] = OuterScaling(out_factor, in_factor)
-        if layer.bias is not None:
-            scalings[id(layer.bias)] = DenseScaling(out_factor)
+        scalings.append((OuterScaling(out_factor, in_factor), None if biases[j] is None else DenseScaling(out_factor)))
     return scalings
 
 
@@ -307,7 +319,7 @@ def _powers(values: list[Tensor | None], p: float, dtype: torch.dtype) -> list[T
     return result
 
 
-def path_scaling(model: nn.Module, p: float = 2, input_shape: tuple[int, ...] | None = None,
+def path_scaling(model: nn.Module | PathGraph, p: float = 2, input_shape: tuple[int, ...] | None = None,
                  eps: float | None = None) -> dict[str, Tensor]:
     """The Path-SGD divisor gamma(w, e) of Algorithm 1 for every parameter on a path.
 
@@ -319,12 +331,11 @@ def path_scaling(model: nn.Module, p: float = 2, input_shape: tuple[int, ...] | 
     parameter's dtype) so that they can always be divided by.
     """
     graph = trace(model, input_shape)
-    model = graph.model
     scalings = scaling_of(graph, p)
     result = {}
-    for name, parameter in model.named_parameters():
-        if id(parameter) in scalings:
-            divisor = scalings[id(parameter)].dense().to(parameter.dtype).reshape(parameter.shape)
+    for name, parameter in graph.model.named_parameters():
+        if name in scalings:
+            divisor = scalings[name].dense().to(parameter.dtype).reshape(parameter.shape)
             floor = torch.finfo(parameter.dtype).tiny if eps is None else eps
             result[name] = divisor.clamp_min(floor)
     return result

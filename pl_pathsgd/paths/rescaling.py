@@ -1,11 +1,17 @@
 """Node-wise rescaling, the paper's initialisations and balancing (Lemma 4.1).
 
-A *hidden unit* is an output feature of a Linear layer, or an output channel of a Conv or
-BatchNorm layer, whose value reaches the rest of the network only through positively
-homogeneous activations, Dropout, pooling and reshaping, into other Linear / Conv / BatchNorm
-layers.  Rescaling it by c > 0 multiplies its incoming weights and bias by c and divides its
-outgoing weights by c: a ReLU network computes the same function and has the same path-norms.
-Units that reach the output or a residual addition directly cannot be rescaled on their own.
+A *hidden unit* is an output feature of a Linear layer (its last dimension), an output channel of a
+convolution or of a BatchNorm (dimension 1), whose value reaches the rest of the network only
+through positively homogeneous activations, dropout and operations that move entries (reshape,
+flatten, slicing, concatenation...) into other such layers.  Rescaling it by c > 0 multiplies its
+incoming weights and bias by c and divides its outgoing weights by c: a ReLU network computes the
+same function and has the same path-norms.
+
+Which units qualify is decided on the traced graph: the unit ids of each layer are carried through
+every operation by its rule (:mod:`pl_pathsgd.paths.ops`).  A layer's units cannot be rescaled alone
+when they reach the network output, an addition with other values (a residual connection), a
+pooling window or a reduction shared with other units, or an operation that does not pass units on;
+:func:`rescalable_units` leaves such layers out and ``UnitMap.blocked`` says why.
 
 For a BatchNorm that *receives* a rescaled unit, "dividing the outgoing weight" divides its
 ``weight`` and multiplies its ``running_mean`` by c (its eval-mode map a*x + c stays the same
@@ -22,201 +28,181 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from pl_pathsgd.paths.errors import PathGeometryError
-from pl_pathsgd.paths.graph import (
-    BATCHNORMS,
-    CONV_MODULES,
-    FUNCTIONAL_POOLS,
-    PARAMETRIZED_MODULES,
-    PASS_THROUGH_FUNCTIONS,
-    PASS_THROUGH_METHODS,
-    PASS_THROUGH_MODULES,
-    SHAPE_FUNCTIONS,
-    SHAPE_METHODS,
-    SHAPE_MODULES,
-    PathGraph,
-    TwinPass,
-    trace,
-)
-from pl_pathsgd.paths.norms import check_p, path_norm_of
-
-_POOL_MODULES = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
-                 nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-                 nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+from pl_pathsgd.paths.graph import PathGraph, Program, trace
+from pl_pathsgd.paths.norms import check_p, path_norm_of, program_chain
+from pl_pathsgd.paths.ops import NONE, Blocked, Consumer, Kind, Producer, Rule, TwinRun
+from pl_pathsgd.paths.ops.registry import sizes_at_batch_one
 
 
 @dataclass
-class _Consumer:
-    """Where a producer's units are used next: a parametrized module and, per input slot, the unit index."""
+class LayerUnits:
+    """The units of one layer: how to scale them at their source and where they are absorbed."""
 
-    module: nn.Module
-    unit_of_input: Tensor  # long; for Linear: per input feature; for Conv/BatchNorm: per input channel
+    producer: Producer
+    consumers: list[Consumer]
+
+
+@dataclass
+class _Units:
+    layers: dict[str, LayerUnits]
+    blocked: dict[str, str]
+    nodes: dict[str, fx.Node]  # layer name -> the operation that produces its units
 
 
 class UnitMap:
-    """The rescalable hidden units of a traced network: which layer produces them and who consumes them."""
+    """The rescalable hidden units of a traced network: which layer produces them and who absorbs them.
 
-    def __init__(self, graph: PathGraph, p: float = 1.0):
+    ``layers`` maps a layer name (its weight's name without ``.weight``) to its units; ``blocked`` maps
+    the layers whose units cannot be rescaled alone to the reason.  Computed once per traced graph.
+    """
+
+    def __init__(self, graph: PathGraph):
         self.graph = graph
-        self.values = _twin_values(graph, p)  # gamma_in (for this p) of every unit, and every shape
-        self.consumers: dict[str, list[_Consumer]] = {}
-        self.blocked: dict[str, str] = {}
-        for node in graph.parametrized_nodes:
-            try:
-                self.consumers.setdefault(node.target, []).extend(self._follow(node))
-            except _Blocked as why:
-                self.blocked[node.target] = str(why)
-        for name in self.blocked:
-            self.consumers.pop(name, None)
+        program = graph.program()
+        self.program = program
+        analysis: _Units = program.cached("units", lambda: _analyse_units(program))
+        self.layers = analysis.layers
+        self.blocked = analysis.blocked
+        self.nodes = analysis.nodes
 
     def units(self) -> dict[str, int]:
-        """Layer name -> number of rescalable units, in topological order."""
-        return {name: _unit_count(self.graph.model.get_submodule(name)) for name in self.consumers}
+        """Layer name -> number of rescalable units, in the order the layers run."""
+        return {name: layer.producer.count for name, layer in self.layers.items()}
 
-    def _follow(self, producer: fx.Node) -> list[_Consumer]:
-        module = self.graph.module(producer)
-        count = _unit_count(module)
-        value = self.values[producer]
-        unit_axis = value.dim() - 1 if isinstance(module, nn.Linear) else 1
-        shape = [1] * value.dim()
-        shape[unit_axis] = count
-        index = torch.arange(count, dtype=torch.float64).reshape(shape).expand(value.shape)
-        consumers: list[_Consumer] = []
-        self._walk(producer, index, consumers)
-        return consumers
 
-    def _walk(self, node: fx.Node, index: Tensor, consumers: list[_Consumer]) -> None:
-        if not node.users:
-            raise _Blocked("its value is not used")
-        for user in node.users:
-            if user.op == "call_module" and isinstance(self.graph.module(user), PARAMETRIZED_MODULES):
-                consumers.append(_consumer(self.graph.module(user), index, user.target))
+def _layer_name(program: Program, node: fx.Node) -> str:
+    weight = node.args[1] if len(node.args) > 1 else None
+    if isinstance(weight, fx.Node) and weight.name in program.traced.parameters:
+        fqn = program.traced.parameters[weight.name]
+        return fqn[: -len(".weight")] if fqn.endswith(".weight") else fqn
+    stack = node.meta.get("nn_module_stack") or {}
+    return list(stack.values())[-1][0] if stack else node.name
+
+
+def _analyse_units(program: Program) -> _Units:
+    layers: dict[str, LayerUnits] = {}
+    blocked: dict[str, str] = {}
+    nodes: dict[str, fx.Node] = {}
+    for index, step in enumerate(program.steps):
+        if step.rule is None or step.kind != Kind.ACT or type(step.rule).produces is Rule.produces:
+            continue
+        name = _layer_name(program, step.node)
+        producer = step.rule.produces(step.call)
+        if producer is None:
+            continue
+        nodes[name] = step.node
+        if isinstance(producer, str):
+            blocked[name] = producer
+            continue
+        try:
+            consumers = _follow(program, index, producer)
+        except Blocked as why:
+            blocked[name] = str(why)
+            continue
+        layers[name] = LayerUnits(producer, consumers)
+    return _Units(layers, blocked, nodes)
+
+
+def _follow(program: Program, start: int, producer: Producer) -> list[Consumer]:
+    """Carry the producer's unit ids through the graph; the layers that absorb them, or Blocked."""
+    steps = program.steps
+    source = steps[start].node
+    ids: dict[fx.Node, object] = {source: _producer_ids(source, producer)}
+    literals: dict[fx.Node, object] = {}
+    consumers: list[Consumer] = []
+
+    def value(node: fx.Node):
+        if node in ids:
+            return ids[node]
+        if node in literals:
+            return literals[node]
+        kind = program.kinds[node]
+        meta = node.meta.get("val")
+        if kind == Kind.LITERAL:
+            return meta
+        return _placeholder_like(meta, NONE if kind == Kind.ACT else 0.0)
+
+    for step in steps[start + 1:]:
+        node = step.node
+        if node.op == "output":
+            break
+        touched = [n for n in node.all_input_nodes if n in ids]
+        if not touched:
+            continue
+        args = fx.node.map_arg(node.args, value)
+        kwargs = fx.node.map_arg(node.kwargs, value)
+        if step.kind == Kind.LITERAL or step.rule is None:  # sizes of values that carry units
+            literals[node] = node.target(*args, **kwargs)
+            continue
+        rule = step.rule
+        if type(rule).consumes is not Rule.consumes and node.args and node.args[0] in ids:
+            entering = ids[node.args[0]]
+            if bool(torch.isnan(entering).any()):
+                raise Blocked(f"its units are mixed with other values before {step.call.where}")
+            if not bool((entering >= 0).any()):
                 continue
-            self._walk(user, self._through(user, node, index), consumers)
-
-    def _through(self, user: fx.Node, source: fx.Node, index: Tensor) -> Tensor:
-        """Carry the unit index of ``source`` through the operation ``user``, or raise _Blocked."""
-        kind = _flow_kind(self.graph, user)
-        if kind == "same":
-            return index
-        if kind == "pool":  # keeps channels, changes positions
-            out = self.values[user]
-            channels = index[(slice(None), slice(None)) + (0,) * (index.dim() - 2)]
-            return channels.reshape(index.shape[:2] + (1,) * (index.dim() - 2)).expand(out.shape)
-        if kind == "shape":
-            args = fx.node.map_arg(user.args, lambda n: index if n is source else self.values[n])
-            kwargs = fx.node.map_arg(user.kwargs, lambda n: index if n is source else self.values[n])
-            if user.op == "call_module":
-                return self.graph.module(user)(*args, **kwargs)
-            if user.op == "call_method":
-                return getattr(args[0], user.target)(*args[1:], **kwargs)
-            return user.target(*args, **kwargs)
-        where = "the network output" if user.op == "output" else f"'{user.name}'"
-        raise _Blocked(f"its units reach {where} without passing through a Linear/Conv/BatchNorm layer")
+            consumer = rule.consumes(step.call, entering, *args[1:], **kwargs)
+            if isinstance(consumer, str):
+                raise Blocked(consumer)
+            consumers.append(consumer)
+            continue
+        try:
+            ids[node] = rule.flow(step.call, *args, **kwargs)
+        except Blocked as why:
+            raise Blocked(f"its units reach {step.call.where}: {why}") from None
+    final = ids.get(program.output)
+    if final is not None and bool((torch.isnan(final) | (final >= 0)).any()):
+        raise Blocked("its units reach the network output without passing through another layer")
+    if not consumers:
+        raise Blocked("its units reach no other layer")
+    return consumers
 
 
-class _Blocked(Exception):
-    pass
+def _producer_ids(node: fx.Node, producer: Producer):
+    meta = node.meta["val"]
+    output = meta[0] if isinstance(meta, (list, tuple)) else meta
+    shape = sizes_at_batch_one(output.shape)
+    axis = producer.axis % len(shape)
+    index_shape = [1] * len(shape)
+    index_shape[axis] = producer.count
+    ids = torch.arange(producer.count, dtype=torch.float64).reshape(index_shape).expand(shape).clone()
+    if isinstance(meta, (list, tuple)):
+        return (ids, *([None] * (len(meta) - 1)))
+    return ids
 
 
-def _flow_kind(graph: PathGraph, node: fx.Node) -> str:
-    if node.op == "call_module":
-        module = graph.module(node)
-        if isinstance(module, PASS_THROUGH_MODULES):
-            return "same"
-        if isinstance(module, _POOL_MODULES):
-            return "pool"
-        if isinstance(module, SHAPE_MODULES):
-            return "shape"
-    if node.op == "call_function":
-        if node.target in PASS_THROUGH_FUNCTIONS:
-            return "same"
-        if node.target in FUNCTIONAL_POOLS:
-            return "pool"
-        if node.target in SHAPE_FUNCTIONS:
-            return "shape"
-    if node.op == "call_method":
-        if node.target in PASS_THROUGH_METHODS:
-            return "same"
-        if node.target in SHAPE_METHODS:
-            return "shape"
-    return "blocked"
-
-
-def _consumer(module: nn.Module, index: Tensor, name: str) -> _Consumer:
-    if isinstance(module, nn.Linear):
-        rows = index.reshape(-1, module.in_features)
-        unit_of_input = rows[0]
-    else:
-        per_channel = index.movedim(1, -1).reshape(-1, index.shape[1])
-        rows, unit_of_input = per_channel, per_channel[0]
-    if not bool((rows == unit_of_input).all()):
-        raise _Blocked(f"its units are mixed with other positions at '{name}'")
-    return _Consumer(module, unit_of_input.long())
-
-
-def _unit_count(module: nn.Module) -> int:
-    if isinstance(module, nn.Linear):
-        return module.out_features
-    if isinstance(module, CONV_MODULES):
-        return module.out_channels
-    return module.num_features
+def _placeholder_like(meta, fill: float):
+    if isinstance(meta, Tensor):
+        return torch.full(sizes_at_batch_one(meta.shape), fill, dtype=torch.float64)
+    if isinstance(meta, (list, tuple)):
+        return type(meta)(_placeholder_like(m, fill) for m in meta)
+    return meta
 
 
 def _twin_values(graph: PathGraph, p: float = 1.0) -> dict[fx.Node, object]:
-    """The value of every node in one twin evaluation (gamma_in of every unit, and the shapes)."""
+    """The value of every node in one twin evaluation (gamma_in of every unit)."""
     values: dict[fx.Node, object] = {}
     with torch.no_grad():
-        graph.evaluate(TwinPass(p=p, mode="sum", dtype=torch.float64), record=values)
+        graph.evaluate(TwinRun(p=p, mode="sum", dtype=torch.float64), record=values)
     return values
 
 
 # ----------------------------------------------------------------------------- rescaling
 
 
-@torch.no_grad()
-def _scale_producer(module: nn.Module, factor: Tensor) -> None:
-    factor = factor.to(module.weight.dtype if module.weight is not None else torch.float32)
-    if isinstance(module, BATCHNORMS):
-        if module.weight is None:
-            raise PathGeometryError(f"{type(module).__name__} without affine parameters has no incoming weight to rescale")
-        module.weight.mul_(factor)
-    else:
-        module.weight.mul_(factor.reshape((-1,) + (1,) * (module.weight.dim() - 1)))
-    if module.bias is not None:
-        module.bias.mul_(factor)
-
-
-@torch.no_grad()
-def _scale_consumer(consumer: _Consumer, factor: Tensor) -> None:
-    module = consumer.module
-    per_input = factor[consumer.unit_of_input].to(module.weight.dtype)
-    if isinstance(module, nn.Linear):
-        module.weight.div_(per_input)
-    elif isinstance(module, CONV_MODULES):
-        # weight: (out, in/groups, *k); input channel c sits in group c // (in/groups), column c % (in/groups)
-        in_per_group = module.weight.shape[1]
-        out_per_group = module.weight.shape[0] // module.groups
-        view = module.weight.view(module.groups, out_per_group, in_per_group, -1)
-        view.div_(per_input.reshape(module.groups, 1, in_per_group, 1))
-    else:  # BatchNorm: a = weight/sqrt(var+eps) must shrink by c, the map's shift must stay
-        if module.weight is None:
-            raise PathGeometryError(f"{type(module).__name__} without affine parameters cannot absorb a rescaling")
-        module.weight.div_(per_input)
-        module.running_mean.mul_(per_input.to(module.running_mean.dtype))
-
-
-def rescalable_units(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> dict[str, int]:
+def rescalable_units(model: nn.Module | PathGraph, input_shape: tuple[int, ...] | None = None) -> dict[str, int]:
     """The layers whose output units can be rescaled on their own, with their unit counts."""
     return UnitMap(trace(model, input_shape)).units()
 
 
-def rescale_units(model: nn.Module, factors: dict[str, Tensor], input_shape: tuple[int, ...] | None = None) -> nn.Module:
+def rescale_units(model: nn.Module | PathGraph, factors: dict[str, Tensor],
+                  input_shape: tuple[int, ...] | None = None) -> nn.Module:
     """Node-wise rescaling, in place: for each ``layer name -> factors`` (one positive factor per unit),
     multiply the units' incoming weights and bias by the factor and divide their outgoing weights by it.
 
     The model computes the same function (ReLU-like activations are positively homogeneous) and keeps
-    its path-norms.  Raises if a layer's units cannot be rescaled alone (they reach the output or a
-    residual addition) or a factor is not positive and finite.
+    its path-norms.  Raises if a layer's units cannot be rescaled alone (``UnitMap.blocked`` says why)
+    or a factor is not positive and finite.  Returns the network.
     """
     return _rescale(UnitMap(trace(model, input_shape)), factors)
 
@@ -227,21 +213,25 @@ def _rescale(unit_map: UnitMap, factors: dict[str, Tensor]) -> nn.Module:
     for name, factor in factors.items():
         if name in unit_map.blocked:
             raise PathGeometryError(f"the units of '{name}' cannot be rescaled alone: {unit_map.blocked[name]}")
-        if name not in unit_map.consumers:
+        if name not in unit_map.layers:
             raise PathGeometryError(
-                f"'{name}' is not a layer with rescalable units; choose among {sorted(unit_map.consumers)}"
+                f"'{name}' is not a layer with rescalable units; choose among {sorted(unit_map.layers)}"
             )
-        factor = torch.as_tensor(factor, dtype=torch.float64).flatten()
-        count = _unit_count(model.get_submodule(name))
+        factor = torch.as_tensor(factor, dtype=torch.float64).flatten().cpu()
+        count = unit_map.layers[name].producer.count
         if factor.numel() == 1:
             factor = factor.expand(count)
         if factor.numel() != count or not bool(torch.isfinite(factor).all() and (factor > 0).all()):
             raise PathGeometryError(f"factors for '{name}' must be {count} positive finite numbers")
         checked[name] = factor
-    for name, factor in checked.items():
-        _scale_producer(model.get_submodule(name), factor)
-        for consumer in unit_map.consumers[name]:
-            _scale_consumer(consumer, factor)
+    parameters = unit_map.graph.parameters(unit_map.program)
+    buffers = unit_map.graph.buffers(unit_map.program)
+    with torch.no_grad():
+        for name, factor in checked.items():
+            layer = unit_map.layers[name]
+            layer.producer.scale(parameters, factor)
+            for consumer in layer.consumers:
+                consumer.divide(parameters, buffers, factor)
     return model
 
 
@@ -252,6 +242,9 @@ def _generator(seed: int | None) -> torch.Generator:
     generator = torch.Generator()
     generator.manual_seed(seed if seed is not None else int(torch.seed() % (2**63)))
     return generator
+
+
+CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 @torch.no_grad()
@@ -335,20 +328,24 @@ def balance(model: nn.Module, p: float = 2, input_shape: tuple[int, ...] | None 
     """
     p = check_p(p, allow_inf=False)
     graph = trace(model, input_shape)
-    model = graph.model
-    unit_map = UnitMap(graph, p)
-    layers = graph.parametrized_nodes
-    if not layers or not all(isinstance(graph.module(n), nn.Linear) for n in layers):
-        raise PathGeometryError("balance() needs a layered network of Linear layers (Lemma 4.1's setting)")
-    hidden = layers[:-1]
-    for node in hidden:
-        if node.target not in unit_map.consumers:
-            raise PathGeometryError(f"balance() needs a layered network; units of '{node.target}' cannot be rescaled: "
-                                    f"{unit_map.blocked.get(node.target, 'they have no consumer')}")
-    t = float(path_norm_of(graph, p)) ** (1.0 / len(layers))
+    unit_map = UnitMap(graph)
+    chain = program_chain(unit_map.program)
+    if chain is None:
+        raise PathGeometryError("balance() needs a layered network of Linear layers and ReLU-like activations "
+                                "(Lemma 4.1's setting)")
+    names = graph.parameter_names(unit_map.program)
+    layer_names = [names[weight][: -len(".weight")] if names[weight].endswith(".weight") else names[weight]
+                   for weight, _ in chain]
+    hidden = layer_names[:-1]
+    for name in hidden:
+        if name not in unit_map.layers:
+            raise PathGeometryError(f"balance() needs a layered network; units of '{name}' cannot be rescaled: "
+                                    f"{unit_map.blocked.get(name, 'they have no consumer')}")
+    values = _twin_values(graph, p)
+    t = float(path_norm_of(graph, p)) ** (1.0 / len(layer_names))
     factors = {}
-    for level, node in enumerate(hidden, start=1):
-        gamma_in = unit_map.values[node].reshape(-1)  # the twin at a Linear's output
+    for level, name in enumerate(hidden, start=1):
+        gamma_in = values[unit_map.nodes[name]].reshape(-1)  # the twin at a Linear's output
         factor = (t ** (level * p) / gamma_in).pow(1.0 / p)
-        factors[node.target] = torch.where(torch.isfinite(factor) & (factor > 0), factor, torch.ones_like(factor))
+        factors[name] = torch.where(torch.isfinite(factor) & (factor > 0), factor, torch.ones_like(factor))
     return _rescale(unit_map, factors)
