@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from pl_pathsgd.data import BaseDataModule
-from pl_pathsgd.factories import OPTIMIZER_NAMES, removed_name_message
+from pl_pathsgd.factories import OPTIMIZER_NAMES, as_factory, removed_name_message
 from pl_pathsgd.module import PathSGDClassifier
 
 DESCRIPTION = """\
@@ -101,34 +101,42 @@ class PathSGDCLI(LightningCLI):
 
 
 def removed_options(args: Any) -> list[str]:
-    """The options of pl-pathsgd 0.1 in command-line ``args`` and the config files they name, each with its replacement."""
+    """The options of pl-pathsgd 0.1 in command-line ``args`` and the config files they name, each with its
+    replacement. Only for the package's own classifier: a subclass may well have an ``lr`` of its own."""
     if not isinstance(args, (list, tuple)):
         return []
     args = [str(a) for a in args]
-    problems = []
-    for path in _config_files(args):
-        try:
-            config = yaml.safe_load(Path(path).read_text())
-        except (OSError, yaml.YAMLError):
-            continue  # the parser reports unreadable files itself
-        for section in _model_sections(config):
-            for key, value in section.items():
-                problems += _check(f"model.init_args.{key}", key, value, f" in {path}")
+    model_class = None  # the model's class_path, where given (the last one counts, as for the parser)
+    found: list[tuple[str, Any, str]] = []  # (option, value, where)
     for index, arg in enumerate(args):
-        if not arg.startswith("--model."):
-            continue
-        name, _, value = arg[2:].partition("=")
+        name, _, value = arg.partition("=")
         if not value and index + 1 < len(args) and not args[index + 1].startswith("-"):
             value = args[index + 1]
-        parts = name.split(".")[1:]
-        if parts[:1] == ["init_args"]:
-            parts = parts[1:]
-        if len(parts) == 1:
-            problems += _check(f"model.init_args.{parts[0]}", parts[0], value, " on the command line")
-    return problems
+        if name in ("--config", "-c") or (name == "--model" and value.endswith((".yaml", ".yml", ".json"))):
+            try:
+                config = yaml.safe_load(Path(value).read_text())
+            except (OSError, yaml.YAMLError):
+                continue  # the parser reports unreadable files itself
+            for model in _model_sections(config if name != "--model" else {"model": config}):
+                model_class = model.get("class_path", model_class)
+                section = model.get("init_args", model)
+                if isinstance(section, dict):
+                    found += [(key, option, f" in {value}") for key, option in section.items()]
+        elif name in ("--model", "--model.class_path"):
+            model_class = value
+        elif name.startswith("--model."):
+            parts = name[2:].split(".")[1:]
+            if parts[:1] == ["init_args"]:
+                parts = parts[1:]
+            if len(parts) == 1:
+                found.append((parts[0], value, " on the command line"))
+    if model_class is not None and not _is_classifier(model_class):
+        return []
+    return [problem for key, value, where in found for problem in _check(key, value, where)]
 
 
-def _check(key: str, name: str, value: Any, where: str) -> list[str]:
+def _check(name: str, value: Any, where: str) -> list[str]:
+    key = f"model.init_args.{name}"
     if name in REMOVED_MODEL_OPTIONS:
         return [f"{key}{where} was removed; its setting now goes in {REMOVED_MODEL_OPTIONS[name]}"]
     if name == "optimizer" and isinstance(value, str) and value in OPTIMIZER_NAMES:
@@ -136,25 +144,22 @@ def _check(key: str, name: str, value: Any, where: str) -> list[str]:
     return []
 
 
-def _config_files(args: list[str]) -> Iterator[str]:
-    for index, arg in enumerate(args):
-        if arg in ("--config", "-c") and index + 1 < len(args):
-            yield args[index + 1]
-        elif arg.startswith("--config="):
-            yield arg.split("=", 1)[1]
+def _is_classifier(class_path: Any) -> bool:
+    if class_path == PathSGDClassifier.__name__:
+        return True
+    try:
+        return as_factory(class_path, "model") is PathSGDClassifier
+    except Exception:  # noqa: BLE001 - not importable here: the parser will say so
+        return False
 
 
 def _model_sections(config: Any) -> Iterator[dict]:
-    """The model init arguments of a config file (also under a subcommand key such as ``fit:``)."""
+    """The ``model`` entries of a config file (also under a subcommand key such as ``fit:``)."""
     if not isinstance(config, dict):
         return
-    candidates = [config, *(v for v in config.values() if isinstance(v, dict))]
-    for candidate in candidates:
-        model = candidate.get("model")
-        if isinstance(model, dict):
-            section = model.get("init_args", model)
-            if isinstance(section, dict):
-                yield section
+    for candidate in (config, *(v for v in config.values() if isinstance(v, dict))):
+        if isinstance(candidate.get("model"), dict):
+            yield candidate["model"]
 
 
 def make_cli(args=None, run: bool = True) -> PathSGDCLI:

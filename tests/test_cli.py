@@ -159,6 +159,23 @@ def test_old_options_fail_with_their_replacement_named(tmp_path, capsys):
         assert "init_args" in message or "torch.optim.SGD" in message
 
 
+class ClassifierWithItsOwnLr(PathSGDClassifier):
+    def __init__(self, lr: float = 0.1, **kwargs):
+        """Args:
+            lr: a setting of this subclass, not of the optimizer.
+        """
+        super().__init__(**kwargs)
+        self.own_lr = lr
+
+
+def test_a_subclass_may_have_options_named_like_old_ones(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        make_cli(["fit", "--config", str(QUICKSTART), f"--model={__name__}.ClassifierWithItsOwnLr",
+                  "--model.init_args.lr=0.5", "--print_config"])
+    assert exit_info.value.code in (0, None)
+    assert yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["lr"] == 0.5
+
+
 def test_misspelt_optimizer_class_gets_a_clear_message(capsys):
     with pytest.raises(SystemExit) as exit_info:
         make_cli(["fit", "--config", str(QUICKSTART), "--model.init_args.optimizer=PathSDG"])

@@ -327,7 +327,9 @@ def test_classifier_records_the_optimizer_it_used_as_plain_data(tmp_path):
     assert type(rebuilt) is torch.optim.SGD and rebuilt.defaults["lr"] == 0.05 and rebuilt.defaults["momentum"] == 0.9
 
 
-def test_float64_by_precision_builds_the_network_in_float64_and_leaves_the_default_dtype(tmp_path):
+@pytest.mark.parametrize("accelerator", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_float64_by_precision_builds_the_network_in_float64_and_leaves_the_default_dtype(tmp_path, accelerator):
     class InitialWeights(pl.Callback):
         def on_train_start(self, trainer, pl_module):  # after configure_model and the precision's conversion
             self.weight = pl_module.network[0].weight.detach().clone()
@@ -335,47 +337,67 @@ def test_float64_by_precision_builds_the_network_in_float64_and_leaves_the_defau
     initial = InitialWeights()
     module = PathSGDClassifier(input_shape=(6,), num_classes=3, hidden=[16], init="unbalanced",
                                optimizer=functools.partial(P.PathSGD, lr=0.05))
-    run = trainer(tmp_path, precision="64-true", limit_train_batches=2, enable_model_summary=True, callbacks=[initial])
+    run = trainer(tmp_path, precision="64-true", limit_train_batches=2, enable_model_summary=True, callbacks=[initial],
+                  accelerator=accelerator, devices=1)
     run.fit(module, tiny_loaders())
-    assert module.network[0].weight.dtype == torch.float64 and run.optimizers[0].last_geometry_dtype == torch.float64
+    weight = module.network[0].weight
+    assert weight.dtype == torch.float64 and weight.device.type == accelerator
+    assert run.optimizers[0].last_geometry_dtype == torch.float64
     assert torch.get_default_dtype() == torch.float32
     # built and initialised in float64, not initialised in float32 and cast: not all float32 numbers
     assert initial.weight.dtype == torch.float64 and not torch.equal(initial.weight, initial.weight.float().double())
 
 
-def test_path_sgd_under_mixed_precision_and_gradient_clipping_makes_the_clipped_normalised_step(tmp_path):
-    """Lightning runs the closure itself under bf16-mixed, clips the gradients, then calls step() without a
-    closure. Each step must be w <- w - lr * buffer, buffer <- momentum * buffer + clip * grad / gamma(w)."""
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+MIXED_PRECISIONS = [("cpu", "bf16-mixed"), pytest.param("cuda", "bf16-mixed", marks=CUDA),
+                    pytest.param("cuda", "16-mixed", marks=CUDA)]
+
+
+@pytest.mark.parametrize("accelerator, precision", MIXED_PRECISIONS)
+def test_path_sgd_under_mixed_precision_and_gradient_clipping_makes_the_clipped_normalised_step(
+        tmp_path, accelerator, precision):
+    """Lightning runs the closure itself under mixed precision (16-mixed: unscales the gradients), clips them,
+    then calls step() without a closure. Each step must be w <- w - lr * buffer with
+    buffer <- momentum * buffer + clip * grad / gamma(w); a step that the 16-bit gradient scaler skips
+    (overflow) leaves everything as it was."""
     lr, momentum, max_norm = 0.05, 0.9, 0.05
 
     class CheckStep(pl.Callback):
         def __init__(self):
-            self.buffers, self.expected, self.clip_factors = {}, None, []
+            self.buffers, self.pending, self.expected, self.clip_factors, self.checked = {}, {}, {}, [], 0
 
-        def on_before_optimizer_step(self, trainer, pl_module, optimizer):  # raw gradients, before clipping
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):  # true gradients, before clipping
             net = pl_module.net
+            scaler = getattr(trainer.precision_plugin, "scaler", None)
+            self.scale = None if scaler is None else scaler.get_scale()
+            self.before = {name: p.detach().clone() for name, p in net.named_parameters()}
             grads = {name: p.grad.detach().clone() for name, p in net.named_parameters()}
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads.values()]))
             clip = min(1.0, max_norm / (float(norm) + 1e-6))
             self.clip_factors.append(clip)
             divisors = P.path_scaling(net, p=2)
-            self.expected = {}
             for name, param in net.named_parameters():
                 direction = grads[name].double() * clip / divisors[name].double()
                 buffer = self.buffers.get(name)
-                buffer = direction if buffer is None else momentum * buffer + direction
-                self.buffers[name] = buffer
-                self.expected[name] = param.detach().double() - lr * buffer
+                self.pending[name] = direction if buffer is None else momentum * buffer + direction
+                self.expected[name] = param.detach().double() - lr * self.pending[name]
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            scaler = getattr(trainer.precision_plugin, "scaler", None)
+            if scaler is not None and scaler.get_scale() < self.scale:  # inf/NaN gradients: step skipped
+                for name, param in pl_module.net.named_parameters():
+                    assert torch.equal(param.detach(), self.before[name]), name
+                return
             for name, param in pl_module.net.named_parameters():
                 torch.testing.assert_close(param.detach().double(), self.expected[name], rtol=1e-5, atol=1e-7)
+            self.buffers, self.pending = self.pending, {}
+            self.checked += 1
 
     check = CheckStep()
     module = UserModule(optimizer=functools.partial(P.PathSGD, lr=lr, momentum=momentum))
-    run = trainer(tmp_path, limit_train_batches=3, precision="bf16-mixed", gradient_clip_val=max_norm,
-                  callbacks=[check])
-    run.fit(module, tiny_loaders())
-    assert run.global_step == 3
+    run = trainer(tmp_path, limit_train_batches=6, precision=precision, gradient_clip_val=max_norm,
+                  accelerator=accelerator, devices=1, callbacks=[check])
+    run.fit(module, tiny_loaders(n=96))
+    assert check.checked >= 3
     assert all(factor < 0.5 for factor in check.clip_factors)  # clipping was active at every step
     assert module.net[0].weight.dtype == torch.float32
