@@ -86,6 +86,10 @@ class PathSGDCLI(LightningCLI):
         predictions = self.trainer.predict(model, datamodule=datamodule, **kwargs)
         if predictions is None:  # return_predictions=false
             return
+        if not all(isinstance(batch, torch.Tensor) for batch in predictions):
+            rank_zero_info("pl-pathsgd predict: the model's predict_step does not return tensors of classes; "
+                           "nothing written")
+            return
         if self.trainer.world_size > 1:
             rank_zero_warn("pl-pathsgd predict: with several processes each holds part of the predictions; none "
                            "are written. Add a lightning.pytorch.callbacks.BasePredictionWriter to save them.")

@@ -54,3 +54,13 @@ def test_quick_start_command_runs(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert re.search(r"^Final: train error 0\.\d+, val error 0\.\d+, test error 0\.\d+$", result.stderr, re.M)
     assert list((tmp_path / "runs" / "quickstart").rglob("events.out.tfevents.*"))
+
+
+def test_the_version_is_written_once():
+    import importlib.metadata
+
+    import pl_pathsgd
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert "version" not in project and "version" in project["dynamic"]
+    assert importlib.metadata.version("pl-pathsgd") == pl_pathsgd.__version__
