@@ -7,7 +7,6 @@ import csv
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -194,9 +193,9 @@ def test_every_model_argument_has_help():
 
 
 def test_help_describes_the_program():
-    command = shutil.which("pl-pathsgd")
-    assert command, "the pl-pathsgd entry point is installed"
-    result = subprocess.run([command, "--help"], capture_output=True, text=True, timeout=120)
+    command = Path(sys.executable).parent / "pl-pathsgd"  # the installed entry point
+    assert command.is_file(), "install the package (pip install -e .) to get the pl-pathsgd command"
+    result = subprocess.run([str(command), "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage: pl-pathsgd")
     assert "Path-SGD" in result.stdout and "pl-pathsgd fit --config configs/quickstart.yaml" in result.stdout
