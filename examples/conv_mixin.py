@@ -3,32 +3,32 @@
     python examples/conv_mixin.py
 """
 
+import functools
+
 import lightning.pytorch as pl
+import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pl_pathsgd import PathSGDMixin
+from pl_pathsgd import PathSGD, PathSGDMixin
 from pl_pathsgd.data import DigitsDataModule
 
 
 class DigitConvNet(PathSGDMixin, pl.LightningModule):
     def __init__(self, lr: float = 0.05):
-        super().__init__()
+        super().__init__(optimizer=functools.partial(PathSGD, lr=lr, momentum=0.9))
         self.net = nn.Sequential(
             nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),   # 16 x 4 x 4
             nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),  # 32 x 2 x 2
             nn.Flatten(), nn.Linear(128, 10),
         )
-        self.set_optimizer("pathsgd", lr=lr, momentum=0.9)
+        # one 1x8x8 image: the input shape Path-SGD follows (without it, the first batch's is used)
+        self.example_input_array = torch.zeros(1, 1, 8, 8)
 
-    # Path-SGD normalises this network; its input is one 1x8x8 image.
+    # Path-SGD normalises this network
     @property
     def path_network(self) -> nn.Module:
         return self.net
-
-    @property
-    def path_input_shape(self) -> tuple[int, ...]:
-        return (1, 8, 8)
 
     def forward(self, x):
         return self.net(x)

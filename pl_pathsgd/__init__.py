@@ -1,7 +1,7 @@
 """pl-pathsgd: Path-SGD, path-norm geometry and PyTorch Lightning integration.
 
-The path geometry and the optimizer need only PyTorch; the Lightning parts (``PathSGDMixin``,
-``PathSGDClassifier``, ``PaperSchedule``, :mod:`pl_pathsgd.callbacks`, :mod:`pl_pathsgd.data`)
+The path geometry, the optimizer and the schedules need only PyTorch; the Lightning parts
+(``PathSGDMixin``, ``PathSGDClassifier``, :mod:`pl_pathsgd.callbacks`, :mod:`pl_pathsgd.data`)
 import Lightning when first used.
 """
 
@@ -22,11 +22,11 @@ from pl_pathsgd.paths import (
     trace,
     unbalanced_init_,
 )
+from pl_pathsgd.schedules import PaperSchedule
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # the package's only version number (pyproject.toml reads it from here)
 
-_LIGHTNING_EXPORTS = {"PathSGDMixin": "pl_pathsgd.module", "PathSGDClassifier": "pl_pathsgd.module",
-                      "PaperSchedule": "pl_pathsgd.module"}
+_LIGHTNING_EXPORTS = {"PathSGDMixin": "pl_pathsgd.module", "PathSGDClassifier": "pl_pathsgd.module"}
 
 
 def __getattr__(name: str):

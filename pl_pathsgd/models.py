@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from typing import Literal
 
 from torch import nn
 
@@ -48,3 +50,25 @@ class ConvNet(nn.Sequential):
             width = size
         layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes)]
         super().__init__(*layers)
+
+
+def classifier_network(kind: Literal["mlp", "conv"], input_shape: Sequence[int], num_classes: int,
+                       hidden: Sequence[int] = (4000, 4000), channels: Sequence[int] = (32, 64),
+                       dropout: float = 0.0) -> nn.Module:
+    """The network of :class:`~pl_pathsgd.PathSGDClassifier` for inputs of ``input_shape`` (one example).
+
+    ``"mlp"``: an :class:`MLP` (behind a ``Flatten`` for image inputs); ``"conv"``: a :class:`ConvNet`,
+    which needs image inputs ``(C, H, W)``.
+    """
+    shape = tuple(int(s) for s in input_shape)
+    if not shape or any(s < 1 for s in shape):
+        raise ValueError(f"input_shape must be a non-empty shape of positive sizes, got {list(input_shape)}")
+    if kind == "mlp":
+        mlp = MLP(math.prod(shape), list(hidden), num_classes, dropout)
+        return mlp if len(shape) == 1 else nn.Sequential(nn.Flatten(), mlp)
+    if kind == "conv":
+        if len(shape) != 3:
+            raise ValueError(f"network='conv' needs image inputs (C, H, W), got input_shape={shape}; "
+                             "set the DataModule's flatten: false")
+        return ConvNet(shape[0], num_classes, list(channels))
+    raise ValueError(f"network must be 'mlp' or 'conv', got {kind!r}")

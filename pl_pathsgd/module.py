@@ -1,191 +1,156 @@
-"""Lightning glue: PathSGDMixin, the paper's per-epoch schedule, and a ready classifier."""
+"""Lightning glue: PathSGDMixin (optimizer and scheduler injected, PathSGD bound to the network) and a ready classifier."""
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
+from torch.optim.lr_scheduler import ReduceLROnPlateau as TorchReduceLROnPlateau
 from torchmetrics import MeanMetric
 
-from pl_pathsgd.models import MLP, ConvNet
+from pl_pathsgd.factories import as_factory, describe
+from pl_pathsgd.models import classifier_network
 from pl_pathsgd.optim import PathSGD
 from pl_pathsgd.paths import balanced_init_, unbalanced_init_
+from pl_pathsgd.schedules import ReduceLROnPlateau
 
-OptimizerName = Literal["pathsgd", "sgd", "adagrad", "adam"]
-OPTIMIZER_NAMES = ("pathsgd", "sgd", "adagrad", "adam")
-
-
-class PaperSchedule(LRScheduler):
-    """The paper's per-epoch schedule (Figure 1): lr <- decay * lr and
-    momentum <- min(max_momentum, momentum + momentum_step) after each epoch.
-
-    Step it once per epoch. Closed form from the initial values, so resuming is exact.
-    Optimizers without momentum only get the learning-rate decay.
-    """
-
-    def __init__(self, optimizer: Optimizer, decay: float = 0.99, momentum_step: float = 0.02,
-                 max_momentum: float = 0.9, last_epoch: int = -1):
-        if not 0 < decay <= 1:
-            raise ValueError(f"decay must be in (0, 1], got {decay}")
-        self.decay, self.momentum_step, self.max_momentum = decay, momentum_step, max_momentum
-        self.base_momentums = [group.get("momentum") for group in optimizer.param_groups]
-        super().__init__(optimizer, last_epoch)
-
-    def get_lr(self) -> list[float]:
-        return [base * self.decay ** self.last_epoch for base in self.base_lrs]
-
-    def step(self, epoch: int | None = None) -> None:
-        super().step(epoch)
-        for group, base in zip(self.optimizer.param_groups, self.base_momentums):
-            if base is not None:  # never lowers a momentum that starts above the cap
-                ramped = base + self.momentum_step * self.last_epoch
-                group["momentum"] = min(max(self.max_momentum, base), ramped)
+#: LightningCLI's ``LRSchedulerCallable`` (a callable taking the optimizer and returning a scheduler), with
+#: :class:`pl_pathsgd.schedules.ReduceLROnPlateau` tried first: the short name ``ReduceLROnPlateau`` would
+#: otherwise be ambiguous between torch's class and ``lightning.pytorch.cli.ReduceLROnPlateau``.
+LRSchedulerCallable = Union[
+    Callable[[Optimizer], ReduceLROnPlateau],
+    Callable[[Optimizer], Union[LRScheduler, TorchReduceLROnPlateau]],
+]
 
 
-@dataclass
-class OptimizerSpec:
-    """How :class:`PathSGDMixin` builds its optimizer.
-
-    ``optimizer`` is a name (``"pathsgd"``, ``"sgd"``, ``"adagrad"``, ``"adam"``) built with the
-    hyper-parameters below, or a callable taking the parameters (LightningCLI's ``OptimizerCallable``,
-    a ``functools.partial``, an optimizer class); a callable that builds a :class:`PathSGD` also
-    receives ``model`` and ``input_shape``.
-    """
-
-    optimizer: str | Callable[..., Optimizer] = "pathsgd"
-    lr: float = 0.1
-    momentum: float = 0.0
-    p: float = 2.0
-    weight_decay: float = 0.0
-    paper_schedule: bool = False
-    lr_scheduler: Callable[[Optimizer], Any] | None = None
-
-
-def _optimizer_class(factory: Callable) -> type | None:
-    """The class a factory builds: itself, or the class inside a (jsonargparse) partial."""
-    if isinstance(factory, type):
-        return factory
-    for candidate in (getattr(factory, "func", None), *getattr(factory, "args", ())):
-        if isinstance(candidate, type):
-            return candidate
+def input_shape_of(example: Any) -> tuple[int, ...] | None:
+    """Shape of one example (without the batch dimension) of a batch, ``example_input_array`` or ``(x, y)`` pair."""
+    if isinstance(example, (tuple, list)) and example:
+        example = example[0]
+    if isinstance(example, Tensor) and example.dim() >= 2:
+        return tuple(int(s) for s in example.shape[1:])
     return None
 
 
-def build_optimizer(spec: OptimizerSpec, params: Iterable[Tensor], network: nn.Module,
-                    input_shape: Sequence[int] | None) -> Optimizer:
-    """Build the optimizer an :class:`OptimizerSpec` describes; PathSGD gets ``network`` to normalise."""
-    shape = tuple(input_shape) if input_shape is not None else None
-    if callable(spec.optimizer):
-        cls = _optimizer_class(spec.optimizer)
-        if cls is not None and issubclass(cls, PathSGD):
-            return spec.optimizer(params, model=network, input_shape=shape)
-        return spec.optimizer(params)
-    name = str(spec.optimizer).lower()
-    if name == "pathsgd":
-        return PathSGD(params, lr=spec.lr, momentum=spec.momentum, p=spec.p, weight_decay=spec.weight_decay,
-                       model=network, input_shape=shape)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
-    if name == "adagrad":
-        return torch.optim.Adagrad(params, lr=spec.lr, weight_decay=spec.weight_decay)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay)
-    raise ValueError(f"unknown optimizer {spec.optimizer!r}; choose one of {', '.join(OPTIMIZER_NAMES)} "
-                     "or pass an optimizer class / OptimizerCallable")
-
-
 class PathSGDMixin:
-    """Mix into a LightningModule (before ``LightningModule`` in the bases) to get Path-SGD and friends.
+    """Mix into a LightningModule (before ``LightningModule`` in the bases) for an injected optimizer and
+    scheduler, with PathSGD bound to the network it trains.
 
-    ``configure_optimizers`` builds the optimizer described by ``self.optimizer_spec`` (set it with
-    :meth:`set_optimizer` in ``__init__``; Path-SGD with lr 0.1 otherwise) and hands PathSGD the network
-    to normalise: :attr:`path_network` (the module itself by default — override it to return your
-    network) with :attr:`path_input_shape` (``None``: inferred when the network starts with a Linear).
-    Callbacks of :mod:`pl_pathsgd.callbacks` use the same two attributes.
+    ``configure_optimizers`` builds ``optimizer`` from the trainable parameters and ``lr_scheduler`` (if any)
+    from the optimizer, stepped once per epoch. A :class:`~pl_pathsgd.PathSGD`, however it was built (a
+    class, ``functools.partial``, a factory function, LightningCLI's ``OptimizerCallable``), is bound to
+    :attr:`path_network` — the module itself unless overridden — with the input shape of
+    ``example_input_array`` or, when that is not set, of the first training batch (``configure_optimizers``
+    runs before any batch, so the binding then waits for ``on_train_batch_start``; call ``super()`` if you
+    override it). An optimizer that is already bound (``PathSGD(params, model=net)``) is left as it is.
+    A scheduler that needs a metric (``ReduceLROnPlateau``) follows its own ``monitor`` if it has one,
+    else ``monitor``.
+
+    Args:
+        optimizer: builds the optimizer from the parameters: a class, ``functools.partial``, function, an
+            import path or a ``{"class_path", "init_args"}`` mapping. Default: ``PathSGD`` (lr 0.01).
+        lr_scheduler: builds a scheduler from the optimizer (same forms), stepped per epoch; None: none.
+        monitor: the logged metric that a ``ReduceLROnPlateau`` scheduler follows.
 
     Example::
 
         class Net(PathSGDMixin, L.LightningModule):
-            def __init__(self):
-                super().__init__()
+            def __init__(self, optimizer: OptimizerCallable = PathSGD, lr_scheduler: LRSchedulerCallable | None = None):
+                super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler)
                 self.net = nn.Sequential(nn.Linear(64, 100), nn.ReLU(), nn.Linear(100, 10))
-                self.set_optimizer("pathsgd", lr=0.05, momentum=0.9)
+                self.example_input_array = torch.zeros(1, 64)
 
             @property
             def path_network(self):
                 return self.net
     """
 
-    optimizer_spec: OptimizerSpec = OptimizerSpec()
-
-    def set_optimizer(self, optimizer: str | Callable[..., Optimizer] = "pathsgd", *, lr: float = 0.1,
-                      momentum: float = 0.0, p: float = 2.0, weight_decay: float = 0.0,
-                      paper_schedule: bool = False, lr_scheduler: Callable[[Optimizer], Any] | None = None) -> None:
-        """Choose the optimizer (see :class:`OptimizerSpec`). ``paper_schedule`` adds :class:`PaperSchedule`
-        (stepped per epoch); ``lr_scheduler`` is a callable taking the optimizer (LightningCLI's
-        ``LRSchedulerCallable``), also stepped per epoch."""
-        if isinstance(optimizer, str) and optimizer.lower() not in OPTIMIZER_NAMES:
-            raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZER_NAMES)}")
-        if lr <= 0 or momentum < 0 or weight_decay < 0 or p < 1:
-            raise ValueError(f"need lr > 0, momentum >= 0, weight_decay >= 0 and p >= 1; got lr={lr}, "
-                             f"momentum={momentum}, weight_decay={weight_decay}, p={p}")
-        if paper_schedule and lr_scheduler is not None:
-            raise ValueError("use either paper_schedule or lr_scheduler, not both")
-        self.optimizer_spec = OptimizerSpec(optimizer, lr, momentum, p, weight_decay, paper_schedule, lr_scheduler)
+    def __init__(self, *args: Any, optimizer: OptimizerCallable = PathSGD,
+                 lr_scheduler: Optional[LRSchedulerCallable] = None, monitor: str = "val/loss", **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if not isinstance(monitor, str) or not monitor:
+            raise ValueError(f"monitor must be the name of a logged metric such as 'val/loss', got {monitor!r}")
+        self.optimizer_factory = as_factory(optimizer, "optimizer")
+        self.lr_scheduler_factory = None if lr_scheduler is None else as_factory(lr_scheduler, "lr_scheduler")
+        self.monitor = monitor
+        self._path_optimizer_awaiting_batch: PathSGD | None = None
 
     @property
     def path_network(self) -> nn.Module:
         """The network whose path geometry PathSGD follows (the module itself unless overridden)."""
         return self  # type: ignore[return-value]
 
-    @property
-    def path_input_shape(self) -> tuple[int, ...] | None:
-        """Shape of one input example without the batch dimension (None: infer from a leading Linear)."""
-        return None
-
-    def configure_optimizers(self):
-        spec = self.optimizer_spec
+    def configure_optimizers(self) -> Any:
         params = [p for p in self.parameters() if p.requires_grad]  # type: ignore[attr-defined]
-        optimizer = build_optimizer(spec, params, self.path_network, self.path_input_shape)
-        if spec.paper_schedule:
-            scheduler = PaperSchedule(optimizer)
-        elif spec.lr_scheduler is not None:
-            scheduler = spec.lr_scheduler(optimizer)
-        else:
+        optimizer = self.optimizer_factory(params)
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"optimizer must build a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if isinstance(optimizer, PathSGD) and not optimizer.is_bound:
+            self._bind(optimizer)
+        if self.lr_scheduler_factory is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        scheduler = self.lr_scheduler_factory(optimizer)
+        config = {"scheduler": scheduler, "interval": "epoch"}
+        if isinstance(scheduler, TorchReduceLROnPlateau):
+            config["monitor"] = getattr(scheduler, "monitor", None) or self.monitor
+        return {"optimizer": optimizer, "lr_scheduler": config}
+
+    def _bind(self, optimizer: PathSGD) -> None:
+        shape = input_shape_of(self.example_input_array)  # type: ignore[attr-defined]
+        if shape is None:
+            self._path_optimizer_awaiting_batch = optimizer
+        else:
+            optimizer.bind(self.path_network, shape)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> Any:
+        optimizer = self._path_optimizer_awaiting_batch
+        if optimizer is not None:
+            shape = input_shape_of(batch)
+            if shape is None:
+                raise ValueError(
+                    f"{type(self).__name__}: cannot tell the input shape of {type(self.path_network).__name__} "
+                    f"from a training batch of type {type(batch).__name__}; set self.example_input_array to a "
+                    "batch of one example, e.g. torch.zeros(1, 3, 32, 32)")
+            optimizer.bind(self.path_network, shape)
+            self._path_optimizer_awaiting_batch = None
+        return super().on_train_batch_start(batch, batch_idx)  # type: ignore[misc]
 
 
 class PathSGDClassifier(PathSGDMixin, pl.LightningModule):
-    """The paper's classifiers as a LightningModule: feed-forward ReLU nets or a small conv net,
-    cross-entropy, optimised by Path-SGD, SGD, AdaGrad or Adam.
+    """The paper's classifiers as a LightningModule: feed-forward ReLU nets or a small conv net trained on
+    cross-entropy with any optimizer (Path-SGD by default).
+
+    The network is built in ``configure_model``, where Lightning's precision applies (``precision="64-true"``
+    builds and initialises it in float64); outside a Trainer it is built on first use. ``example_input_array``
+    is a zero batch of one example of ``input_shape``. Logs ``batch/loss`` and ``batch/error`` (running means
+    over the epoch's mini-batches), ``val/loss``, ``val/error``, ``test/loss`` and ``test/error``;
+    ``predict`` returns the predicted class of every example.
 
     Args:
-        input_shape: shape of one example (linked from the DataModule by ``pl-pathsgd``).
-        num_classes: number of classes (linked from the DataModule by ``pl-pathsgd``).
-        network: ``"mlp"`` (hidden widths ``hidden``, optional ``dropout``) or ``"conv"`` (``channels``;
-            needs image inputs, i.e. the DataModule's ``flatten: false``).
-        init: ``"balanced"`` (weights N(0, 1/fan_in), biases 0), ``"unbalanced"`` (the balanced weights
-            rescaled by the paper's random node-wise rescaling: same function, same path-norm) or
-            ``"default"`` (PyTorch's). Both paper inits draw from ``init_seed``, so they share weights.
-        unbalanced_draws: number of units drawn (with replacement) for the unbalanced init; default a
-            quarter of the hidden units (2000 for 2x4000).
-        optimizer, lr, momentum, p, weight_decay, paper_schedule: see :meth:`PathSGDMixin.set_optimizer`.
-        custom_optimizer: an ``OptimizerCallable`` (``class_path``/``init_args`` in YAML) used instead of
-            ``optimizer``; PathSGD built this way also receives the network.
-        lr_scheduler: an ``LRSchedulerCallable``, stepped per epoch.
-
-    Logs ``batch/loss`` and ``batch/error`` (running means over the epoch's mini-batches),
-    ``val/loss``, ``val/error``, ``test/loss`` and ``test/error``.
+        input_shape: Shape of one example, e.g. [64] or [1, 8, 8] (pl-pathsgd links it from the DataModule).
+        num_classes: Number of classes (pl-pathsgd links it from the DataModule).
+        network: "mlp" (hidden widths `hidden`, optional `dropout`) or "conv" (`channels`; needs image inputs,
+            i.e. the DataModule's flatten: false).
+        hidden: Widths of the MLP's hidden layers (the paper: [4000, 4000]).
+        channels: Channels of the conv net's 3x3 conv layers, each followed by ReLU and 2x2 max pooling.
+        dropout: Drop probability after each hidden layer of the MLP (the paper: 0 or 0.5).
+        init: "balanced" (weights N(0, 1/fan_in), biases 0), "unbalanced" (the balanced weights under the
+            paper's random node-wise rescaling: same function, same path-norm) or "default" (PyTorch's).
+        unbalanced_draws: Units drawn (with replacement) for the unbalanced init; default a quarter of the
+            hidden units (2000 for 2x4000).
+        init_seed: Seed of the balanced and unbalanced inits (both draw the same balanced weights).
+        optimizer: The optimizer, by class (class_path/init_args in YAML): pl_pathsgd.PathSGD (lr, momentum,
+            p, ...) or any torch.optim class; PathSGD is bound to the network. Default: PathSGD with lr 0.01.
+        lr_scheduler: A learning-rate scheduler by class (class_path/init_args), stepped once per epoch, e.g.
+            pl_pathsgd.PaperSchedule (the paper's Figure 1 schedule), StepLR or ReduceLROnPlateau. Default: none.
+        monitor: The logged metric that a ReduceLROnPlateau scheduler follows unless it names its own.
     """
 
     def __init__(
@@ -197,58 +162,55 @@ class PathSGDClassifier(PathSGDMixin, pl.LightningModule):
         channels: Sequence[int] = (32, 64),
         dropout: float = 0.0,
         init: Literal["balanced", "unbalanced", "default"] = "balanced",
-        unbalanced_draws: int | None = None,
+        unbalanced_draws: Optional[int] = None,
         init_seed: int = 0,
-        optimizer: OptimizerName = "pathsgd",
-        lr: float = 0.1,
-        momentum: float = 0.0,
-        p: float = 2.0,
-        weight_decay: float = 0.0,
-        paper_schedule: bool = False,
-        custom_optimizer: OptimizerCallable | None = None,
-        lr_scheduler: LRSchedulerCallable | None = None,
+        optimizer: OptimizerCallable = PathSGD,
+        lr_scheduler: Optional[LRSchedulerCallable] = None,
+        monitor: str = "val/loss",
     ):
-        super().__init__()
-        self.save_hyperparameters(ignore=["custom_optimizer", "lr_scheduler"])
+        super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler, monitor=monitor)
+        if init not in ("balanced", "unbalanced", "default"):
+            raise ValueError(f"init must be 'balanced', 'unbalanced' or 'default', got {init!r}")
+        # hyper-parameters as plain data (the optimizer and scheduler as class path and init arguments), so
+        # that checkpoints load with weights_only=True and load_from_checkpoint rebuilds the same ones
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.input_shape = tuple(int(s) for s in input_shape)
-        self.network = self._build_network(network, hidden, channels, dropout, num_classes)
-        self._initialise(init, unbalanced_draws, init_seed)
-        self.set_optimizer(custom_optimizer or optimizer, lr=lr, momentum=momentum, p=p, weight_decay=weight_decay,
-                           paper_schedule=paper_schedule, lr_scheduler=lr_scheduler)
+        self.save_hyperparameters({"input_shape": list(self.input_shape), "hidden": list(hidden),
+                                   "channels": list(channels), "optimizer": describe(self.optimizer_factory),
+                                   "lr_scheduler": describe(self.lr_scheduler_factory)})
+        self._network_options = dict(kind=network, input_shape=self.input_shape, num_classes=num_classes,
+                                     hidden=list(hidden), channels=list(channels), dropout=dropout)
+        with torch.device("meta"):  # checks the options now, before any data is loaded; costs nothing
+            classifier_network(**self._network_options)
+        self._init = (init, unbalanced_draws, init_seed)
+        self.network: nn.Module | None = None
+        self.example_input_array = torch.zeros(1, *self.input_shape)
         self.batch_loss, self.batch_error = MeanMetric(), MeanMetric()
         self.val_loss, self.val_error = MeanMetric(), MeanMetric()
         self.test_loss, self.test_error = MeanMetric(), MeanMetric()
 
-    def _build_network(self, network, hidden, channels, dropout, num_classes) -> nn.Module:
-        if network == "mlp":
-            mlp = MLP(math.prod(self.input_shape), list(hidden), num_classes, dropout)
-            return mlp if len(self.input_shape) == 1 else nn.Sequential(nn.Flatten(), mlp)
-        if network == "conv":
-            if len(self.input_shape) != 3:
-                raise ValueError(f"network='conv' needs image inputs (C, H, W), got input_shape={self.input_shape}; "
-                                 "set the DataModule's flatten: false")
-            return ConvNet(self.input_shape[0], num_classes, list(channels))
-        raise ValueError(f"network must be 'mlp' or 'conv', got {network!r}")
-
-    def _initialise(self, init: str, draws: int | None, seed: int) -> None:
-        if init == "default":
+    def configure_model(self) -> None:
+        """Build and initialise the network (once), in the dtype and on the device Lightning sets up."""
+        if self.network is not None:
             return
-        if init not in ("balanced", "unbalanced"):
-            raise ValueError(f"init must be 'balanced', 'unbalanced' or 'default', got {init!r}")
-        balanced_init_(self.network, seed=seed)
+        network = classifier_network(**self._network_options)
+        init, draws, seed = self._init
+        if init != "default":
+            balanced_init_(network, seed=seed)
         if init == "unbalanced":
-            unbalanced_init_(self.network, num_draws=draws, seed=seed + 1, input_shape=self.input_shape)
+            unbalanced_init_(network, num_draws=draws, seed=seed + 1, input_shape=self.input_shape)
+        self.network = network
+        # in the network's dtype: Lightning's model summary feeds it to forward as it is
+        self.example_input_array = torch.zeros(1, *self.input_shape, dtype=next(network.parameters()).dtype)
 
     @property
     def path_network(self) -> nn.Module:
+        if self.network is None:
+            self.configure_model()
         return self.network
 
-    @property
-    def path_input_shape(self) -> tuple[int, ...]:
-        return self.input_shape
-
     def forward(self, x: Tensor) -> Tensor:
-        return self.network(x)
+        return self.path_network(x)
 
     def _evaluate(self, batch) -> tuple[Tensor, Tensor, Tensor]:
         x, y = batch
@@ -278,3 +240,8 @@ class PathSGDClassifier(PathSGDMixin, pl.LightningModule):
         self.test_error(errors)
         self.log("test/loss", self.test_loss, on_epoch=True)
         self.log("test/error", self.test_error, on_epoch=True)
+
+    def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        """The predicted class of every example of the batch (``batch`` or ``(x, y)``)."""
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self(x).argmax(dim=1)

@@ -14,7 +14,9 @@ DATASETS = {
 }
 DEFAULT_WIDTHS = tuple(2**k for k in range(2, 13))  # 4 ... 4096
 SMOKE_WIDTHS = (4, 16, 64, 256)
-METHODS = ("pathsgd", "sgd", "adagrad")
+#: the optimizers of Figure 3, by the name the runner and its tables use
+OPTIMIZERS = {"pathsgd": "pl_pathsgd.PathSGD", "sgd": "torch.optim.SGD", "adagrad": "torch.optim.Adagrad"}
+METHODS = tuple(OPTIMIZERS)
 INITS = ("balanced", "unbalanced")
 DEFAULT_ALPHAS = (1, 2, 3, 4)  # step sizes 10^-alpha
 SMOKE_ALPHAS = {"pathsgd": (1,), "sgd": (1, 2), "adagrad": (2,)}  # step sizes 10^-alpha for smoke runs
@@ -65,8 +67,9 @@ def figure3_cells(methods, inits, alphas: dict[str, tuple[int, ...]], dropout: f
         for init in inits:
             for alpha in alphas[method]:
                 lr = 10.0**-alpha
-                args = (_arg("model.init_args.optimizer", method), _arg("model.init_args.init", init),
-                        _arg("model.init_args.lr", lr), _arg("model.init_args.dropout", dropout))
+                optimizer = {"class_path": OPTIMIZERS[method], "init_args": {"lr": lr}}
+                args = (_arg("model.init_args.optimizer", optimizer), _arg("model.init_args.init", init),
+                        _arg("model.init_args.dropout", dropout))
                 meta = {"method": method, "init": init, "alpha": alpha, "lr": lr, "dropout": dropout}
                 cells.append(Cell(f"{method}-{init}-lr1e-{alpha}", args, meta))
     return cells

@@ -19,9 +19,8 @@ import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
-import torch
 
-from pl_pathsgd.experiments import grids, plots
+from pl_pathsgd.experiments import grids
 from pl_pathsgd.experiments.claims import check_claims
 
 COLUMNS = ("figure", "dataset", "cell", "method", "init", "width", "alpha", "lr", "dropout", "epoch",
@@ -66,16 +65,12 @@ def run_cell(cell: grids.Cell, config: Path, cell_dir: Path, overrides: list[str
     ]
     args = ["--config", str(config), *cell.args, f"--trainer.logger={json.dumps(loggers)}",
             f"--trainer.default_root_dir={cell_dir}", *overrides]
-    default_dtype = torch.get_default_dtype()  # the CLI switches it for 64-bit runs
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # args= is deliberate
-            cli = make_cli(args, run=False)
-        recorder = EpochRecorder(label, time.perf_counter(), cells_left)
-        cli.trainer.callbacks.append(recorder)
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    finally:
-        torch.set_default_dtype(default_dtype)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # args= is deliberate
+        cli = make_cli(args, run=False)
+    recorder = EpochRecorder(label, time.perf_counter(), cells_left)
+    cli.trainer.callbacks.append(recorder)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     return recorder.epochs
 
 
@@ -127,6 +122,7 @@ def parse(argv=None) -> tuple[argparse.Namespace, list[str]]:
 def run(argv=None) -> list[dict]:
     """Run (or resume) a figure; returns the per-epoch rows of every cell."""
     args, overrides = parse(argv)
+    plots = _plots()  # before any cell runs, so that a missing library costs no training time
     config = grids.config_path(args.figure, args.dataset, args.smoke, args.configs)
     cells = _cells(args)
     out: Path = args.out
@@ -153,6 +149,17 @@ def run(argv=None) -> list[dict]:
     for claim, ok, detail in check_claims(args.figure, rows):
         print(f"{'PASS' if ok else 'FAIL'}: {claim} ({detail})", flush=True)
     return rows
+
+
+def _plots():
+    try:
+        from pl_pathsgd.experiments import plots
+    except ModuleNotFoundError as error:
+        if error.name != "matplotlib":
+            raise
+        raise SystemExit("python -m pl_pathsgd.experiments draws the paper's figures with matplotlib, which is not "
+                         "installed: pip install 'pl-pathsgd[figures]'") from None
+    return plots
 
 
 def _write_atomic(path: Path, text: str) -> None:

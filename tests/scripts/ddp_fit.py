@@ -7,6 +7,7 @@ examples r, r+2, r+4, ... (Lightning's own distributed sampler would shuffle), s
 of 32 is split into two per-rank batches of 16. Final weights go to OUT_DIR/<mode>.pt.
 """
 
+import functools
 import sys
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from pl_pathsgd.callbacks import EpochErrorMonitor, PathNormMonitor, RescalingInvarianceCheck
 from pl_pathsgd.module import PathSGDClassifier
+from pl_pathsgd.optim import PathSGD
 
 GLOBAL_BATCH = 32
 
@@ -46,7 +48,8 @@ class FixedOrderData(pl.LightningDataModule):
 def main(out: Path, mode: str) -> None:
     pl.seed_everything(0)
     devices = 2 if mode == "ddp" else 1
-    model = PathSGDClassifier(input_shape=(6,), num_classes=3, hidden=[32, 32], lr=0.05, momentum=0.5)
+    model = PathSGDClassifier(input_shape=(6,), num_classes=3, hidden=[32, 32],
+                              optimizer=functools.partial(PathSGD, lr=0.05, momentum=0.5))
     trainer = pl.Trainer(
         max_epochs=2, accelerator="cpu", devices=devices, strategy="ddp" if mode == "ddp" else "auto",
         logger=CSVLogger(out, name=mode, version=0), enable_progress_bar=False, enable_model_summary=False,
