@@ -133,7 +133,7 @@ def _sampled_rows(loader: DataLoader) -> list[int] | None:
         return sorted({int(i) for i in sampler.indices})
     with preserved_rng():  # one pass of a copy: the original sampler (and its generator) does not move
         try:
-            drawn = list(copy.deepcopy(sampler))
+            drawn = list(copy.deepcopy(sampler, {id(loader.dataset): loader.dataset}))  # the dataset is not copied
         except Exception as error:
             raise ValueError(
                 f"cannot tell which examples the {type(sampler).__name__} of this DataLoader draws "
@@ -159,8 +159,11 @@ def _slicing_container(loader: DataLoader) -> type | None:
         return list
     indices = list(range(count))
     with preserved_rng():
-        fetched = dataset.__getitems__(indices) if hasattr(dataset, "__getitems__") else [dataset[i] for i in indices]
-        collated = loader.collate_fn(fetched)
+        try:
+            fetched = dataset.__getitems__(indices) if hasattr(dataset, "__getitems__") else [dataset[i] for i in indices]
+            collated = loader.collate_fn(fetched)
+        except Exception:  # whatever goes wrong shows up, with its own message, when the loader is read
+            return None
     sliced = [t[:count] for t in dataset.tensors]
     if not isinstance(collated, (list, tuple)) or len(collated) != len(sliced):
         return None

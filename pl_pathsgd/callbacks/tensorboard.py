@@ -204,7 +204,7 @@ class TensorBoardExtras(Callback):
             return
         fresh: dict[str, float] = {}
         for key, value in trainer.callback_metrics.items():
-            if self._recorded.get(key) is value or not self._wanted(key):
+            if self._recorded.get(key) is value or not self._wanted(key) or value.numel() != 1:
                 continue
             self._recorded[key] = value
             fresh[key] = float(value)
