@@ -698,3 +698,13 @@ def test_invariance_check_runs_on_the_device_asked_for(tmp_path, device):
     assert results["asked"].keys() == results["default"].keys() == {
         "invariance/function", "invariance/path_norm", "invariance/update"}
     assert results["asked"]["invariance/update"] < 1e-3 and results["default"]["invariance/update"] < 1e-3
+
+
+def test_error_monitor_without_validation_data_or_request_leaves_val_out_quietly(tmp_path, recwarn):
+    run = trainer(tmp_path, [EpochErrorMonitor(test=False)], max_epochs=1)
+    run.fit(TrainOnly(), loaders()[0])
+    assert val_epochs(run) == [] and "train/error" in read_csv(run)
+    assert not [w for w in recwarn if "EpochErrorMonitor" in str(w.message)]
+    run = trainer(tmp_path / "asked", [EpochErrorMonitor(val=True, test=False)], max_epochs=1)
+    with pytest.warns(UserWarning, match="no val data found"):
+        run.fit(TrainOnly(), loaders()[0])

@@ -56,7 +56,7 @@ class EpochErrorMonitor(Callback):
       no ``val/error``;
     * otherwise (no ``validation_step``) the callback runs validation itself at the end of every
       ``check_val_every_n_epoch``-th training epoch, on the validation data given to ``fit``, unless
-      ``limit_val_batches == 0``.
+      ``limit_val_batches == 0`` (with ``val=None``, only when ``fit`` was given validation data).
 
     **Data.**  Each split is read from (first that exists):
 
@@ -253,7 +253,12 @@ class EpochErrorMonitor(Callback):
             return None
         if _lightning_validates(trainer, pl_module):
             return "runs" if self.val else "module"
-        return "epochs" if trainer.limit_val_batches != 0 else None
+        if trainer.limit_val_batches == 0:
+            return None
+        source = _val_data_source(trainer)
+        if self.val is None and (source is None or not source.is_defined()):
+            return None  # nothing to validate on, and nobody asked for validation
+        return "epochs"
 
     def _splits_read_this_fit(self) -> list[str]:
         return [split for split, on in (("train", self.train), ("val", self.val_mode in ("runs", "epochs")),
