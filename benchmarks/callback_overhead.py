@@ -15,7 +15,9 @@ the first epoch of each fit is a warm-up and is not counted. The table gives the
 and its ratio to the run without callbacks, and (steadier on a busy machine) the time spent inside
 the callbacks' hooks per epoch (all epochs of a fit, fit start included, averaged), also as a share
 of the epoch without callbacks. On a CUDA device it also gives the peak memory the
-rescaling check adds on top of training, in units of the network's parameter memory.
+rescaling check adds on top of training, in units of the network's parameter memory; on any device
+it reports, from a separate untimed fit, the peak memory one check holds (CUDA allocator or
+``torch.profiler`` allocation events on the CPU).
 
     python benchmarks/callback_overhead.py                  # full size: 50,000 examples (a GPU, or patience)
     python benchmarks/callback_overhead.py --quick          # a couple of minutes on 2 CPU cores
@@ -28,9 +30,12 @@ would not.
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # keep the memory profiler's start/stop lines out of the table
+
 import argparse
 import logging
-import os
 import platform
 import statistics
 import tempfile
@@ -156,6 +161,48 @@ class PeakMemoryEnd(Callback):
         self.start.peaks.append(torch.cuda.max_memory_allocated() - self.start.baseline)
 
 
+def check_peak_memory(name: str, data: dict[str, TensorDataset], accelerator: str, device: torch.device,
+                      root: str) -> float:
+    """Peak memory one rescaling check holds beyond what it started with, in parameter-memory units.
+
+    On CUDA from the allocator's peak; on the CPU from ``torch.profiler``'s allocation events (every
+    allocation and free in time order). A separate, untimed fit: profiling slows the check down.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    model = Classifier(NETWORKS[name][1]())
+    check = RescalingInvarianceCheck()
+    measure, peaks = check.measure, []
+
+    def profiled(trainer, pl_module):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            start = torch.cuda.memory_allocated()
+            result = measure(trainer, pl_module)
+            peaks.append(torch.cuda.max_memory_allocated() - start)
+            return result
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            result = measure(trainer, pl_module)
+        events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                        key=lambda e: e.start_ns())
+        held = peak = 0
+        for event in events:
+            held += int(event.nbytes())
+            peak = max(peak, held)
+        peaks.append(peak)
+        return result
+
+    check.measure = profiled
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=2, accelerator=accelerator, devices=1,
+                         logger=TensorBoardLogger(root, name=f"{name}-memory"), callbacks=[check],
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(model, DataLoader(data["train"], batch_size=BATCH))
+    parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return max(peaks) / parameter_bytes
+
+
 def make_data(features: int, examples: int, seed: int = 0) -> dict[str, TensorDataset]:
     generator = torch.Generator().manual_seed(seed)
     sizes = {"train": examples, "val": max(examples // 5, BATCH), "test": max(examples // 5, BATCH)}
@@ -217,7 +264,8 @@ def main() -> None:
         args.cases = ["none", *args.cases]
     accelerator = args.accelerator if args.accelerator != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
     device = torch.device("cuda" if accelerator == "gpu" else "cpu")
-    warnings.filterwarnings("ignore", message=r".*(does not have many workers|litlogger|LeafSpec|log_every_n_steps).*")
+    warnings.filterwarnings("ignore", message=r".*(does not have many workers|litlogger|LeafSpec|log_every_n_steps"
+                                              r"|have no `val_dataloader`).*")
     for logger_name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(logger_name).setLevel(logging.ERROR)
 
@@ -254,6 +302,10 @@ def main() -> None:
                 if device.type == "cuda" and peaks[case]:
                     line += f" {max(peaks[case]) / parameter_bytes:24.2f}"
                 print(line)
+            if "RescalingInvarianceCheck" in args.cases:
+                ratio = check_peak_memory(name, data, accelerator, device, root)
+                print(f"RescalingInvarianceCheck: one check holds at most {ratio:.2f}x the parameter memory beyond "
+                      "what training holds (a copy, its gradients, SGD's momentum buffer)")
     print(f"\nload average at end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
 
