@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import gc
 import weakref
 
 import lightning.pytorch as pl
@@ -13,6 +14,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from pl_pathsgd import PathSGD
 from pl_pathsgd.callbacks import EpochErrorMonitor, PathNormMonitor, RescalingInvarianceCheck
 
 pytestmark = pytest.mark.filterwarnings(
@@ -162,15 +164,23 @@ class CountedNet(nn.Sequential):
         CountedNet.most_alive = max(CountedNet.most_alive, len(CountedNet.alive))
 
 
-def test_invariance_check_holds_at_most_one_copy_of_the_network(tmp_path):
-    model = Module()
+class PathSGDModule(Module):
+    def configure_optimizers(self):
+        return PathSGD(self.parameters(), lr=0.05, momentum=0.9, model=self.net)
+
+
+@pytest.mark.parametrize("make", [Module, PathSGDModule], ids=["SGD", "PathSGD"])
+def test_invariance_check_holds_at_most_one_copy_of_the_network(tmp_path, make):
+    model = make()
     model.net = CountedNet(*model.net)
     CountedNet.alive, CountedNet.most_alive = weakref.WeakSet(), 0
     check = RescalingInvarianceCheck()
-    trainer = fit(tmp_path, model, [check], max_epochs=1)
-    assert check.checks_done == 1 and "invariance/update" in trainer.callback_metrics
+    trainer = fit(tmp_path, model, [check], max_epochs=3)
+    assert check.checks_done == 3 and "invariance/update" in trainer.callback_metrics
     assert CountedNet.most_alive == 1
-    assert len(CountedNet.alive) == 0  # and none is kept after the check
+    gc.collect()
+    # none kept after the fit (an engine that must trace the copy for PathSGD may keep that one copy in its cache)
+    assert len(CountedNet.alive) <= (0 if make is Module else 1)
 
 
 def test_error_monitor_reads_a_plain_dataloader_over_a_tensor_dataset(tmp_path):

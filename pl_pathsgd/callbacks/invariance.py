@@ -67,8 +67,10 @@ class RescalingInvarianceCheck(Callback):
 
     Cost: one copy of the network at a time (no second copy: B is the copy rescaled in place, and A is
     copied back into it for the second step), plus the gradients and optimizer state of one step while it
-    runs; four forward passes and two steps on the probe batch.  ``device="cpu"`` keeps a GPU model's copy
-    off the GPU.  Randomness comes only from the callback's own generator, and the global random states are
+    runs; four forward passes and two steps on the probe batch.  The copy is made for each check and
+    released after it, except with ``PathSGD`` on an engine whose ``PathSGD.bind`` cannot take the traced
+    graph bound to the copy: the copy must then be traced, and the one copy is kept for the whole fit.
+    ``device="cpu"`` keeps a GPU model's copy off the GPU.  Randomness comes only from the callback's own generator, and the global random states are
     restored afterwards, so the training run is bit-identical with and without the check.
 
     Every process computes the same values under DDP: the probe batch is rank 0's and the weights are the
@@ -134,6 +136,8 @@ class RescalingInvarianceCheck(Callback):
         self.checks_done = 0
         self.last: dict[str, float] = {}
         self._warned: set[str] = set()
+        # the copy kept between checks, only where the engine must trace a copy to bind PathSGD to it
+        self._kept_copy: nn.Module | None = None
 
     # ------------------------------------------------------------------ Lightning plumbing
 
@@ -165,6 +169,11 @@ class RescalingInvarianceCheck(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             require_logger(trainer, type(self).__name__)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._kept_copy = None
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -241,10 +250,9 @@ class RescalingInvarianceCheck(Callback):
             )
             return {}
         factors = self.factors(units, trainer.current_epoch)
-        device = self.device if self.device is not None else _device_of(network)
-        work = copy_to(network, device).eval()  # the one copy: A, then B = T(A), then A again
+        work = self._copy_of(network)  # the one copy: A, then B = T(A), then A again
         bound = graph.bind(work)
-        x, y = self._probe_on(work, device)
+        x, y = self._probe_on(work, _device_of(work))
 
         results: dict[str, float] = {}
         with torch.no_grad():
@@ -271,6 +279,17 @@ class RescalingInvarianceCheck(Callback):
                                                   _max_abs_diff(out_a_next, out_a))
         return results
 
+    def _copy_of(self, network: nn.Module) -> nn.Module:
+        """A copy of the network in eval mode, on ``device``: a new one, or the kept one refreshed."""
+        work = self._kept_copy
+        if work is None:
+            work = copy_to(network, self.device if self.device is not None else _device_of(network))
+        else:
+            with torch.no_grad():
+                for target, source in zip(_tensors(work), _tensors(network)):
+                    target.copy_(source)
+        return work.eval()
+
     def _probe_on(self, work: nn.Module, device: torch.device) -> tuple[Tensor, Tensor | None]:
         x, y = self.probe
         dtype = next((t.dtype for t in work.parameters() if t.is_floating_point()), None)
@@ -284,7 +303,7 @@ class RescalingInvarianceCheck(Callback):
         """One step of a fresh optimizer like ``optimizer`` on the copy; False when that cannot be built."""
         work = bound.model
         try:
-            fresh = _fresh_optimizer(optimizer, network, bound)
+            fresh = self._fresh_optimizer(optimizer, network, bound)
         except Exception as error:  # a custom optimizer whose constructor we cannot call
             self._warn_once("fresh", f"{type(self).__name__}: cannot build a fresh {type(optimizer).__name__} for the "
                                      f"copy ({type(error).__name__}: {error}); no invariance/update")
@@ -305,6 +324,33 @@ class RescalingInvarianceCheck(Callback):
         fresh.zero_grad(set_to_none=True)  # release the gradients before the next forward
         return True
 
+    def _fresh_optimizer(self, optimizer: torch.optim.Optimizer, network: nn.Module,
+                         bound: PathGraph) -> torch.optim.Optimizer | None:
+        """An optimizer of ``optimizer``'s class and hyper-parameters over the matching parameters of the copy."""
+        name_of = {id(t): name for name, t in network.named_parameters()}
+        copied = dict(bound.model.named_parameters())
+        groups = []
+        for group in optimizer.param_groups:
+            params = [copied[name_of[id(t)]] for t in group["params"] if id(t) in name_of]
+            if params:
+                groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": params})
+        if not groups:
+            return None
+        cls = type(optimizer)
+        signature = inspect.signature(cls.__init__).parameters
+        accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.values())
+        kwargs = {k: v for k, v in optimizer.defaults.items() if k != "params" and (accepts_any or k in signature)}
+        if not isinstance(optimizer, PathSGD):
+            return cls(groups, **kwargs)
+        fresh = cls(groups, **kwargs, p=optimizer.p, eps=optimizer.eps, dtype=optimizer.dtype)
+        try:
+            return fresh.bind(bound)  # the traced graph bound to the copy: no new trace
+        except TypeError:
+            # an engine whose PathSGD.bind takes modules only traces the copy; its trace cache keeps the copy,
+            # so the same copy is kept and reused for every check of this fit (one trace, one copy)
+            self._kept_copy = bound.model
+            return fresh.bind(bound.model, bound.input_shape)
+
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
@@ -314,8 +360,8 @@ class RescalingInvarianceCheck(Callback):
 def copy_to(network: nn.Module, device: torch.device) -> nn.Module:
     """A deep copy of ``network`` whose parameters and buffers are made directly on ``device`` (no gradients)."""
     memo: dict[int, Any] = {}
-    for name, tensor in itertools.chain(network.named_parameters(remove_duplicate=True),
-                                        network.named_buffers(remove_duplicate=True)):
+    for _, tensor in itertools.chain(network.named_parameters(remove_duplicate=True),
+                                     network.named_buffers(remove_duplicate=True)):
         data = tensor.detach().to(device, copy=True)
         memo[id(tensor)] = nn.Parameter(data, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else data
     return copy.deepcopy(network, memo)
@@ -343,34 +389,3 @@ def _ratio(numerator: Tensor, denominator: Tensor) -> float:
     if denominator == 0:
         return 0.0 if numerator == 0 else math.inf
     return numerator / denominator
-
-
-def _fresh_optimizer(optimizer: torch.optim.Optimizer, network: nn.Module,
-                     bound: PathGraph) -> torch.optim.Optimizer | None:
-    """An optimizer of ``optimizer``'s class and hyper-parameters over the matching parameters of the copy."""
-    name_of = {id(t): name for name, t in network.named_parameters()}
-    copied = dict(bound.model.named_parameters())
-    groups = []
-    for group in optimizer.param_groups:
-        params = [copied[name_of[id(t)]] for t in group["params"] if id(t) in name_of]
-        if params:
-            groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": params})
-    if not groups:
-        return None
-    cls = type(optimizer)
-    signature = inspect.signature(cls.__init__).parameters
-    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.values())
-    kwargs = {k: v for k, v in optimizer.defaults.items() if k != "params" and (accepts_any or k in signature)}
-    if not isinstance(optimizer, PathSGD):
-        return cls(groups, **kwargs)
-    fresh = cls(groups, **kwargs, p=optimizer.p, eps=optimizer.eps, dtype=optimizer.dtype)
-    return _bind_to_copy(fresh, bound)
-
-
-def _bind_to_copy(optimizer: PathSGD, bound: PathGraph) -> PathSGD:
-    """Bind a PathSGD to the copy through the already traced graph (``graph.bind(copy)``), not a new trace."""
-    try:
-        return optimizer.bind(bound)
-    except TypeError:
-        # an engine whose PathSGD.bind takes modules only traces the copy anew (same result, one more trace)
-        return optimizer.bind(bound.model, bound.input_shape)
