@@ -3,15 +3,22 @@
 * :class:`PathNormMonitor` logs ``path_norm/p1``, ``path_norm/p2``, ``path_norm/pinf`` ...
 * :class:`RescalingInvarianceCheck` logs ``invariance/function``, ``invariance/path_norm``,
   ``invariance/update`` (Theorem 5.1) on a rescaled copy of the network.
-* :class:`EpochErrorMonitor` logs ``{train,val,test}/{error,loss}`` on the full sets every epoch.
-* :class:`TensorBoardExtras` adds a custom-scalars layout, a learning-curve figure and
-  hyper-parameters with the final test error to TensorBoard.
+* :class:`EpochErrorMonitor` logs ``{train,val,test}/{error,loss}`` on the whole sets.
+* :class:`TensorBoardExtras` adds per-epoch charts, a learning-curve figure and hyper-parameters with the
+  final test error to TensorBoard.
+
+They are observers: with any of them on, a seeded run ends with the same weights, optimizer state, module
+modes and random states as without them (``docs/callbacks.md`` states the contract).
 
 The network is ``pl_module.path_network`` when the module defines it, else the module itself; the input
-shape is the callback's ``input_shape``, else ``pl_module.path_input_shape``, else the shape of the first
-training batch's inputs, else inferred from a leading ``Linear`` layer.
+shape is the callback's ``input_shape``, else ``pl_module.example_input_array``'s (without the batch
+dimension), else that of a ``PathSGD`` of the run bound to the network, else that of the first training
+batch's inputs.  Inputs and targets are read from a batch by ``unpack_batch`` (every callback takes it):
+``(x, y)`` tuples and lists and ``{"x": ..., "y": ...}``-style dicts work out of the box
+(:func:`default_unpack_batch`); the first batch is checked before any training step.
 """
 
+from pl_pathsgd.callbacks._batch import UnreadableBatchError, default_unpack_batch
 from pl_pathsgd.callbacks.error_monitor import EpochErrorMonitor
 from pl_pathsgd.callbacks.invariance import InvarianceViolationError, RescalingInvarianceCheck
 from pl_pathsgd.callbacks.path_norm import PathNormMonitor
@@ -23,5 +30,7 @@ __all__ = [
     "PathNormMonitor",
     "RescalingInvarianceCheck",
     "TensorBoardExtras",
+    "UnreadableBatchError",
     "default_layout",
+    "default_unpack_batch",
 ]

@@ -1,13 +1,15 @@
-"""What the callbacks share: finding the network and its input shape, logger checks, naming.
+"""What the callbacks share: the network, its input shape and traced graph, logger checks, naming.
 
 Any LightningModule works with the callbacks:
 
 * the network is ``pl_module.path_network`` when the module defines it, else the module itself
   (its ``forward`` must then take the input batch tensor);
-* the input shape (one example, without the batch dimension) is, in this order: the callback's
-  ``input_shape`` argument, ``pl_module.path_input_shape``, the shape of the inputs of the first
-  training batch (``batch[0].shape[1:]`` for an ``(x, y)`` batch), or what
-  :class:`~pl_pathsgd.paths.PathGraph` infers (a network that starts with a ``Linear`` layer).
+* the input shape (one example, without the batch dimension) is, first match wins: the callback's
+  ``input_shape`` argument; ``pl_module.example_input_array`` (Lightning's convention; its shape
+  without the batch dimension); the input shape of a ``PathSGD`` of the run bound to the same network;
+  the shape of the inputs of the first training batch;
+* the traced graph comes from :func:`pl_pathsgd.paths.trace`, which traces a network once per input
+  shape, so the optimizer and every callback share one trace.
 """
 
 from __future__ import annotations
@@ -22,11 +24,9 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 
-from pl_pathsgd.paths.errors import PathGeometryError, UnsupportedModelError
-from pl_pathsgd.paths.graph import PathGraph
+from pl_pathsgd.paths import PathGeometryError, PathGraph, UnsupportedModelError, trace
 
 NETWORK_ATTRIBUTE = "path_network"
-INPUT_SHAPE_ATTRIBUTE = "path_input_shape"
 
 Shape = tuple[int, ...]
 
@@ -62,85 +62,80 @@ def check_input_shape(input_shape: Any, owner: str) -> Shape | None:
     return tuple(int(s) for s in input_shape)
 
 
-def batch_inputs(batch: Any) -> Tensor | None:
-    """The input tensor of a batch: ``batch`` itself or ``batch[0]`` for an ``(x, y, ...)`` tuple or list."""
-    if isinstance(batch, Tensor):
-        return batch
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
-        return batch[0]
-    return None
+def example_input_shape(pl_module: nn.Module) -> Shape | None:
+    """The shape of ``pl_module.example_input_array`` without its batch dimension, if it is one tensor."""
+    example = getattr(pl_module, "example_input_array", None)
+    if isinstance(example, (tuple, list)) and len(example) == 1:
+        example = example[0]
+    if not isinstance(example, Tensor):
+        return None  # several forward arguments or none: not the input of a path network
+    if example.dim() < 2:
+        raise ValueError(
+            f"{type(pl_module).__name__}.example_input_array has shape {tuple(example.shape)}; it needs a batch "
+            "dimension first, e.g. torch.zeros(1, 784)"
+        )
+    return tuple(int(s) for s in example.shape[1:])
 
 
-def batch_input_shape(batch: Any) -> Shape | None:
-    inputs = batch_inputs(batch)
-    if inputs is None or inputs.dim() < 2:
-        return None
-    return tuple(int(s) for s in inputs.shape[1:])
+class SharedGraph:
+    """The traced :class:`~pl_pathsgd.paths.PathGraph` of a module's network, as one callback sees it.
 
-
-def resolve_input_shape(explicit: Shape | None, pl_module: nn.Module, batch_shape: Shape | None) -> Shape | None:
-    """Argument, then ``pl_module.path_input_shape``, then the first training batch; ``None`` lets PathGraph infer."""
-    if explicit is not None:
-        return explicit
-    declared = getattr(pl_module, INPUT_SHAPE_ATTRIBUTE, None)
-    if declared is not None:
-        return check_input_shape(declared, f"{type(pl_module).__name__}.{INPUT_SHAPE_ATTRIBUTE}")
-    return batch_shape
-
-
-class NetworkGeometry:
-    """The traced :class:`PathGraph` of a module's network, built once and reused.
-
-    ``check`` (at the start of fit) traces the network, so an unsupported network fails before any
-    training with :class:`~pl_pathsgd.paths.UnsupportedModelError` naming every offending layer.  When the
-    input shape is not known yet (no argument, no ``path_input_shape``, not inferable), the graph is
-    built at first use from the shape of the first training batch (``observe``).
+    ``at_fit_start`` traces the network when its input shape is known then (argument,
+    ``example_input_array``, or a bound ``PathSGD`` of the run, whose graph is reused), so an unsupported
+    network fails before any training with :class:`~pl_pathsgd.paths.UnsupportedModelError`.  Otherwise
+    ``at_first_batch`` traces it with the first training batch's input shape, still before the first step.
     """
 
-    def __init__(self, input_shape: Shape | None):
+    def __init__(self, input_shape: Shape | None, owner: str):
         self.explicit_shape = input_shape
-        self.batch_shape: Shape | None = None
+        self.owner = owner
         self.graph: PathGraph | None = None
-        self._graph_shape_source: str | None = None  # "known" or "inferred"
 
     def reset(self) -> None:
-        self.batch_shape = None
         self.graph = None
-        self._graph_shape_source = None
 
-    def observe(self, batch: Any) -> None:
-        if self.batch_shape is None:
-            self.batch_shape = batch_input_shape(batch)
-
-    def check(self, pl_module: nn.Module) -> None:
+    def at_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         network = network_of(pl_module)
-        known = resolve_input_shape(self.explicit_shape, pl_module, None)
-        if known is not None:
-            self.graph, self._graph_shape_source = PathGraph(network, known), "known"
+        shape, source = self.explicit_shape, "the input_shape argument"
+        if shape is None:
+            shape, source = example_input_shape(pl_module), "example_input_array"
+        if shape is not None:
+            self.graph = self._trace(trainer, network, shape, source)
             return
+        self.graph = _optimizer_graph(trainer, network, None)
+
+    def at_first_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, inputs: Tensor) -> None:
+        if self.graph is None:
+            shape = tuple(int(s) for s in inputs.shape[1:])
+            self.graph = self._trace(trainer, network_of(pl_module), shape, "the first training batch")
+
+    def get(self, pl_module: pl.LightningModule) -> PathGraph:
+        if self.graph is None or self.graph.model is not network_of(pl_module):
+            raise RuntimeError(f"{self.owner}: the network was replaced after the fit started; "
+                               "set path_network before fit")
+        return self.graph
+
+    def _trace(self, trainer: pl.Trainer, network: nn.Module, shape: Shape, source: str) -> PathGraph:
         try:
-            self.graph, self._graph_shape_source = PathGraph(network), "inferred"
+            return _optimizer_graph(trainer, network, shape) or trace(network, shape)
         except UnsupportedModelError:
             raise
-        except PathGeometryError:
-            # supported, but the input shape must come from the first training batch
-            self.graph, self._graph_shape_source = None, None
+        except PathGeometryError as error:
+            raise PathGeometryError(
+                f"{self.owner}: {type(network).__name__} does not run on input shape {shape} (from {source}): "
+                f"{error}. Pass {self.owner}(input_shape=...), the shape of one example of the network's input "
+                "without the batch dimension, or set the module's example_input_array."
+            ) from error
 
-    def input_shape(self, pl_module: nn.Module) -> Shape | None:
-        return resolve_input_shape(self.explicit_shape, pl_module, self.batch_shape)
 
-    def get(self, pl_module: nn.Module) -> PathGraph:
-        network = network_of(pl_module)
-        graph = self.graph
-        if graph is not None and graph.model is network:
-            if self._graph_shape_source == "known":
+def _optimizer_graph(trainer: pl.Trainer, network: nn.Module, shape: Shape | None) -> PathGraph | None:
+    """The graph of a ``PathSGD`` of the run bound to ``network`` (with ``shape`` if given): the same trace."""
+    for optimizer in trainer.optimizers:
+        graph = getattr(optimizer, "graph", None)
+        if isinstance(graph, PathGraph) and graph.model is network:
+            if shape is None or tuple(graph.input_shape) == tuple(shape):
                 return graph
-            if self.batch_shape is None or tuple(graph.input_shape) == self.batch_shape:
-                return graph
-        shape = self.input_shape(pl_module)
-        self.graph = PathGraph(network, shape)
-        self._graph_shape_source = "known" if shape is not None else "inferred"
-        return self.graph
+    return None
 
 
 def require_logger(trainer: pl.Trainer, owner: str) -> None:
@@ -166,3 +161,9 @@ def metric_tensor(value: float, device: torch.device) -> Tensor:
 
 def is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_every_n_epochs(value: Any, owner: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{owner}(every_n_epochs={value!r}) must be an int >= 1")
+    return value

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import copy
 import inspect
+import itertools
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -16,20 +17,25 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
+from pl_pathsgd.callbacks._batch import BatchReader, UnpackBatch
 from pl_pathsgd.callbacks._common import (
-    batch_input_shape,
+    SharedGraph,
+    check_every_n_epochs,
     check_input_shape,
     is_number,
     metric_tensor,
     network_of,
     require_logger,
-    resolve_input_shape,
 )
+from pl_pathsgd.callbacks._observe import preserved_rng
 from pl_pathsgd.optim import PathSGD
-from pl_pathsgd.paths.norms import path_norm
-from pl_pathsgd.paths.rescaling import rescalable_units, rescale_units
+from pl_pathsgd.paths import PathGraph, path_norm, rescalable_units, rescale_units
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
+
+#: Default interval: a check costs about two training steps plus a copy of the network, a few percent
+#: of an epoch or less for the paper's networks (see benchmarks/callback_overhead.py).
+DEFAULT_EVERY_N_EPOCHS = 1
 
 
 class InvarianceViolationError(RuntimeError):
@@ -37,85 +43,108 @@ class InvarianceViolationError(RuntimeError):
 
 
 class RescalingInvarianceCheck(Callback):
-    r"""Check node-wise rescaling invariance (Theorem 5.1 of Path-SGD) on a copy of the network.
+    r"""Check node-wise rescaling invariance (Theorem 5.1 of Path-SGD) on one copy of the network.
 
-    At the end of every ``every_n_epochs``-th training epoch the callback deep-copies the network (the
-    training model is never touched), puts the copy in eval mode, draws one factor per rescalable hidden
-    unit, log-uniformly in ``[min_factor, max_factor]`` (seeded by ``seed`` and the epoch), and rescales a
-    second copy with them (incoming weights and bias times c, outgoing weights divided by c).  With A the
-    copy, B = T(A) the rescaled copy, and the *probe batch* (the first training batch the callback saw) it
-    logs:
+    At the end of every ``every_n_epochs``-th training epoch the callback copies the network once (on
+    ``device``; the training model is never touched), puts the copy in eval mode, draws one factor per
+    rescalable hidden unit, log-uniformly in ``[min_factor, max_factor]`` (seeded by ``seed`` and the epoch),
+    and works on that one copy.  With A the network, T the rescaling, B = T(A), and the *probe batch* x (the
+    first training batch of the fit) it logs:
 
     ``invariance/function``
-        max|B(x) - A(x)| / max|A(x)| on the probe inputs; 0 up to round-off for a ReLU network.
+        max|B(x) - A(x)| / max|A(x)|; 0 up to round-off for a ReLU network.
     ``invariance/path_norm``
         |phi_2(B) - phi_2(A)| / phi_2(A); 0 up to round-off.
     ``invariance/update``
-        ||T(A') - B'|| / ||B' - B||, where A' and B' are A and B after one step of a *fresh* optimizer of the
-        trainer's class and hyper-parameters (``trainer.optimizers[0]``: its param groups, e.g. the current
-        learning rate; PathSGD gets ``model=`` the copy and the same ``p``, ``input_shape``, ``eps`` and
-        ``dtype``) on the probe batch with ``loss_fn``, T is the same rescaling, and the norms run over all
-        parameters of the network.  Theorem 5.1: Path-SGD's update commutes with rescaling, so the gap is
-        round-off (about 1e-15 in float64, 1e-6 in float32); SGD's is of order 1 or far larger.  A fresh
-        optimizer has no momentum buffer, so this is the first step of a momentum method (Path-SGD keeps
-        the invariance with momentum; ``weight_decay > 0`` breaks it).  The gap is 0 when the step does not
-        move B and A' = A either, and ``inf`` when only A moves.
+        max|B'(x) - A'(x)| / max|A'(x) - A(x)|, where A' and B' are A and B after one step of a *fresh*
+        optimizer of the trainer's class and hyper-parameters (``trainer.optimizers[0]``'s param groups, e.g.
+        the current learning rate; for ``PathSGD`` the same ``p``, ``eps`` and ``dtype``) on the probe batch with
+        ``loss_fn``.  Theorem 5.1: Path-SGD's update commutes with rescaling, B' = T(A'), so the two networks
+        still compute the same function and the gap is round-off (about 1e-13 in float64, 1e-5 in float32)
+        relative to how much the step changed the function; SGD's is of order 1 or far larger.  A fresh
+        optimizer has no momentum buffer, so this is the first step of a momentum method (Path-SGD keeps the
+        invariance with momentum; ``weight_decay > 0`` breaks it).  0 when neither step changes the output.
 
-    Copies run in eval mode (no dropout noise, BatchNorm with running statistics).  Every process computes
-    the same values under DDP: the probe batch is rank 0's and the weights are the same on every rank.
+    Cost: one copy of the network at a time (no second copy: B is the copy rescaled in place, and A is
+    copied back into it for the second step), plus the gradients and optimizer state of one step while it
+    runs; four forward passes and two steps on the probe batch.  The copy is made for each check and
+    released after it, except with ``PathSGD`` on an engine whose ``PathSGD.bind`` cannot take the traced
+    graph bound to the copy: the copy must then be traced, and the one copy is kept for the whole fit.
+    ``device="cpu"`` keeps a GPU model's copy off the GPU.  Randomness comes only from the callback's own generator, and the global random states are
+    restored afterwards, so the training run is bit-identical with and without the check.
+
+    Every process computes the same values under DDP: the probe batch is rank 0's and the weights are the
+    same on every rank.
 
     Args:
         every_n_epochs: check after every n-th training epoch.
         min_factor, max_factor: range of the rescaling factors (``0 < min_factor <= max_factor < inf``).
         tolerance: if set, raise :class:`InvarianceViolationError` when the optimizer is ``PathSGD`` and the
-            update gap is larger (or not finite).  A float32 network needs about ``1e-4``; float64 ``1e-9``.
+            update gap is larger (or not finite).  A float32 network needs about ``1e-3``; float64 ``1e-9``.
         seed: seed of the rescaling factors (combined with the epoch).
-        input_shape: shape of one example without the batch dimension (default: ``pl_module.path_input_shape``,
-            else the probe batch's).
+        input_shape: shape of one example without the batch dimension (default: ``example_input_array``'s,
+            else that of the run's ``PathSGD``, else the probe batch's).
         loss_fn: ``loss_fn(network(x), y)`` for the update step; default :func:`torch.nn.functional.cross_entropy`.
+        device: where the copy lives and runs (default: the network's device).
+        unpack_batch: ``batch -> (inputs, targets)`` for batches that are not ``(x, y)`` tuples/lists or dicts
+            with ``"x"``/``"y"``-like keys (see :mod:`pl_pathsgd.callbacks`).  Without targets the update is not
+            checked.
 
     A network without rescalable units (e.g. a single Linear layer) is skipped with a warning.
     """
 
     def __init__(
         self,
-        every_n_epochs: int = 1,
+        every_n_epochs: int = DEFAULT_EVERY_N_EPOCHS,
         min_factor: float = 1e-3,
         max_factor: float = 1e3,
         tolerance: float | None = None,
         seed: int = 0,
         input_shape: tuple[int, ...] | None = None,
         loss_fn: LossFn | None = None,
+        device: str | torch.device | None = None,
+        unpack_batch: UnpackBatch | None = None,
     ):
-        if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 1:
-            raise ValueError(f"RescalingInvarianceCheck(every_n_epochs={every_n_epochs!r}) must be an int >= 1")
+        owner = "RescalingInvarianceCheck"
+        self.every_n_epochs = check_every_n_epochs(every_n_epochs, owner)
         for name, value in (("min_factor", min_factor), ("max_factor", max_factor)):
             if not is_number(value) or not (0 < value < math.inf):
-                raise ValueError(f"RescalingInvarianceCheck({name}={value!r}) must be a positive finite number")
+                raise ValueError(f"{owner}({name}={value!r}) must be a positive finite number")
         if min_factor > max_factor:
-            raise ValueError(
-                f"RescalingInvarianceCheck: min_factor={min_factor} must not exceed max_factor={max_factor}"
-            )
+            raise ValueError(f"{owner}: min_factor={min_factor} must not exceed max_factor={max_factor}")
         if tolerance is not None and (not is_number(tolerance) or not (0 <= tolerance < math.inf)):
-            raise ValueError(f"RescalingInvarianceCheck(tolerance={tolerance!r}) must be None or a number >= 0")
+            raise ValueError(f"{owner}(tolerance={tolerance!r}) must be None or a number >= 0")
         if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"RescalingInvarianceCheck(seed={seed!r}) must be an int")
+            raise ValueError(f"{owner}(seed={seed!r}) must be an int")
         if loss_fn is not None and not callable(loss_fn):
-            raise ValueError("RescalingInvarianceCheck(loss_fn=...) must be callable: loss_fn(outputs, targets)")
-        self.every_n_epochs = every_n_epochs
+            raise ValueError(f"{owner}(loss_fn=...) must be callable: loss_fn(outputs, targets)")
+        try:
+            self.device = None if device is None else torch.device(device)
+        except (RuntimeError, TypeError) as error:
+            raise ValueError(f"{owner}(device={device!r}) is not a torch device: {error}") from None
         self.min_factor = float(min_factor)
         self.max_factor = float(max_factor)
         self.tolerance = None if tolerance is None else float(tolerance)
         self.seed = seed
-        self.input_shape = check_input_shape(input_shape, "RescalingInvarianceCheck")
+        self.input_shape = check_input_shape(input_shape, owner)
         self.loss_fn: LossFn = loss_fn if loss_fn is not None else F.cross_entropy
+        self.reader = BatchReader(unpack_batch, owner, inputs_tensor=True, targets=False)
         self.probe: tuple[Tensor, Tensor | None] | None = None
         self._probe_shared = False
+        self._graph = SharedGraph(self.input_shape, owner)
+        self._batch_checked = False
         self.checks_done = 0
         self.last: dict[str, float] = {}
         self._warned: set[str] = set()
+        # the copy kept between checks, only where the engine must trace a copy to bind PathSGD to it
+        self._kept_copy: nn.Module | None = None
 
     # ------------------------------------------------------------------ Lightning plumbing
+
+    @property
+    def graph(self) -> PathGraph | None:
+        """The traced graph of the network in this fit (shared with PathSGD and the other callbacks)."""
+        return self._graph.graph
 
     @property
     @override
@@ -142,20 +171,28 @@ class RescalingInvarianceCheck(Callback):
             require_logger(trainer, type(self).__name__)
 
     @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._kept_copy = None
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._graph.reset()
+        self._batch_checked = False
+        self._graph.at_fit_start(trainer, pl_module)
+
+    @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self.probe is not None:
+        if self._batch_checked:
             return
-        if isinstance(batch, Tensor):
-            self.probe = (batch.detach().cpu().clone(), None)
-        elif isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
-            target = batch[1] if len(batch) > 1 and isinstance(batch[1], Tensor) else None
-            self.probe = (batch[0].detach().cpu().clone(), None if target is None else target.detach().cpu().clone())
-        else:
-            self._warn_once(
-                "batch", f"{type(self).__name__} needs (x, y) or tensor batches; got {type(batch).__name__}"
-            )
+        self._batch_checked = True
+        inputs, targets = self.reader.check(batch, "first training batch")
+        self._graph.at_first_batch(trainer, pl_module, inputs)
+        if self.probe is None:
+            target = targets.detach().cpu().clone() if isinstance(targets, Tensor) else None
+            self.probe = (inputs.detach().cpu().clone(), target)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -166,7 +203,8 @@ class RescalingInvarianceCheck(Callback):
         self._probe_shared = True
         if self.probe is None:
             return
-        results = self.measure(trainer, pl_module)
+        with preserved_rng():
+            results = self.measure(trainer, pl_module)
         if not results:
             return
         self.last = results
@@ -180,12 +218,13 @@ class RescalingInvarianceCheck(Callback):
             if not update_gap <= self.tolerance:  # also catches NaN
                 raise InvarianceViolationError(
                     f"Path-SGD's update is not invariant to node-wise rescaling at epoch {trainer.current_epoch}: "
-                    f"relative gap ||T(A') - B'|| / ||B' - B|| = {update_gap:.3e} > tolerance {self.tolerance:.3e}. "
-                    "Theorem 5.1 says one Path-SGD step from a rescaled network T(A) lands on the rescaling of the "
-                    "step from A, up to round-off (about 1e-15 in float64, 1e-6 in float32). A larger gap means the "
-                    "update is not rescaling-invariant here: weight_decay > 0, parameters that PathSGD does not "
-                    "scale, a rescaling that changes the network's function (see invariance/function), or a "
-                    "tolerance tighter than the round-off of this precision (use about 1e-4 for float32)."
+                    f"relative gap max|B'(x) - A'(x)| / max|A'(x) - A(x)| = {update_gap:.3e} > tolerance "
+                    f"{self.tolerance:.3e}. Theorem 5.1 says one Path-SGD step from a rescaled network B = T(A) lands "
+                    "on the rescaling of the step from A, so both compute the same function up to round-off. A "
+                    "larger gap means the update is not rescaling-invariant here: weight_decay > 0, parameters that "
+                    "PathSGD does not scale, a rescaling that changes the network's function (see "
+                    "invariance/function), or a tolerance tighter than the round-off of this precision (about 1e-3 "
+                    "suits float32)."
                 )
 
     # ------------------------------------------------------------------ the measurement
@@ -200,62 +239,117 @@ class RescalingInvarianceCheck(Callback):
         }
 
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
-        """Compute the logged gaps for the current weights (an empty dict when the network cannot be rescaled)."""
+        """The logged gaps for the current weights (empty when the network cannot be rescaled)."""
         assert self.probe is not None
         network = network_of(pl_module)
-        shape = resolve_input_shape(self.input_shape, pl_module, batch_input_shape(self.probe[0]))
-        a = copy.deepcopy(network).eval()
-        units = rescalable_units(a, shape)
+        graph = self._graph.get(pl_module)
+        units = rescalable_units(graph)
         if not units:
             self._warn_once(
                 "units", f"{type(self).__name__}: {type(network).__name__} has no rescalable hidden units; skipping"
             )
             return {}
         factors = self.factors(units, trainer.current_epoch)
-        b = rescale_units(copy.deepcopy(a), factors, shape)
-        device = _device_of(a)
-        x = self.probe[0].to(device)
-        y = None if self.probe[1] is None else self.probe[1].to(device)
+        work = self._copy_of(network)  # the one copy: A, then B = T(A), then A again
+        bound = graph.bind(work)
+        x, y = self._probe_on(work, _device_of(work))
 
         results: dict[str, float] = {}
         with torch.no_grad():
-            out_a, out_b = a(x), b(x)
-            results["invariance/function"] = _ratio(
-                (out_b.double() - out_a.double()).abs().max(), out_a.double().abs().max()
-            )
-            phi_a, phi_b = path_norm(a, 2, shape), path_norm(b, 2, shape)
-            results["invariance/path_norm"] = _ratio((phi_b - phi_a).abs(), phi_a)
+            out_a, phi_a = work(x), path_norm(bound, 2)
+            rescale_units(bound, factors)
+            out_b, phi_b = work(x), path_norm(bound, 2)
+        results["invariance/function"] = _ratio(_max_abs_diff(out_b, out_a), _max_abs(out_a))
+        results["invariance/path_norm"] = _ratio((phi_b - phi_a).abs(), phi_a)
 
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         if optimizer is None:
             self._warn_once("optimizer", f"{type(self).__name__}: the trainer has no optimizer; no invariance/update")
         elif y is None:
             self._warn_once("target", f"{type(self).__name__}: the probe batch has no targets; no invariance/update")
-        else:
-            b_before = [t.detach().clone() for t in b.parameters()]
-            self._one_step(optimizer, network, a, shape, x, y)
-            self._one_step(optimizer, network, b, shape, x, y)
-            rescale_units(a, factors, shape)  # a is now T(A')
+        elif self._step(optimizer, network, bound, x, y):  # B -> B'
             with torch.no_grad():
-                gap = _distance(a.parameters(), b.parameters())
-                step = _distance(b.parameters(), b_before)
-            results["invariance/update"] = _ratio(gap, step)
+                out_b_next = work(x)
+                for target, source in zip(_tensors(work), _tensors(network)):
+                    target.copy_(source)  # back to A, exactly
+            self._step(optimizer, network, bound, x, y)  # A -> A'
+            with torch.no_grad():
+                out_a_next = work(x)
+            results["invariance/update"] = _ratio(_max_abs_diff(out_b_next, out_a_next),
+                                                  _max_abs_diff(out_a_next, out_a))
         return results
 
-    def _one_step(self, optimizer: torch.optim.Optimizer, network: nn.Module, copy_: nn.Module,
-                  shape: tuple[int, ...] | None, x: Tensor, y: Tensor) -> None:
-        fresh = _fresh_optimizer(optimizer, network, copy_, shape)
+    def _copy_of(self, network: nn.Module) -> nn.Module:
+        """A copy of the network in eval mode, on ``device``: a new one, or the kept one refreshed."""
+        work = self._kept_copy
+        if work is None:
+            work = copy_to(network, self.device if self.device is not None else _device_of(network))
+        else:
+            with torch.no_grad():
+                for target, source in zip(_tensors(work), _tensors(network)):
+                    target.copy_(source)
+        return work.eval()
+
+    def _probe_on(self, work: nn.Module, device: torch.device) -> tuple[Tensor, Tensor | None]:
+        x, y = self.probe
+        dtype = next((t.dtype for t in work.parameters() if t.is_floating_point()), None)
+        x = x.to(device)
+        if dtype is not None and x.is_floating_point():
+            x = x.to(dtype)  # e.g. float32 batches for a float64 network ("64-true" converts them in the step)
+        return x, None if y is None else y.to(device)
+
+    def _step(self, optimizer: torch.optim.Optimizer, network: nn.Module, bound: PathGraph, x: Tensor,
+              y: Tensor) -> bool:
+        """One step of a fresh optimizer like ``optimizer`` on the copy; False when that cannot be built."""
+        work = bound.model
+        try:
+            fresh = self._fresh_optimizer(optimizer, network, bound)
+        except Exception as error:  # a custom optimizer whose constructor we cannot call
+            self._warn_once("fresh", f"{type(self).__name__}: cannot build a fresh {type(optimizer).__name__} for the "
+                                     f"copy ({type(error).__name__}: {error}); no invariance/update")
+            return False
         if fresh is None:
-            return
+            self._warn_once("params", f"{type(self).__name__}: the optimizer has none of the network's parameters; "
+                                      "no invariance/update")
+            return False
 
         def closure() -> Tensor:
             fresh.zero_grad()
-            loss = self.loss_fn(copy_(x), y)
+            loss = self.loss_fn(work(x), y)
             loss.backward()
             return loss
 
         with torch.enable_grad():
             fresh.step(closure)
+        fresh.zero_grad(set_to_none=True)  # release the gradients before the next forward
+        return True
+
+    def _fresh_optimizer(self, optimizer: torch.optim.Optimizer, network: nn.Module,
+                         bound: PathGraph) -> torch.optim.Optimizer | None:
+        """An optimizer of ``optimizer``'s class and hyper-parameters over the matching parameters of the copy."""
+        name_of = {id(t): name for name, t in network.named_parameters()}
+        copied = dict(bound.model.named_parameters())
+        groups = []
+        for group in optimizer.param_groups:
+            params = [copied[name_of[id(t)]] for t in group["params"] if id(t) in name_of]
+            if params:
+                groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": params})
+        if not groups:
+            return None
+        cls = type(optimizer)
+        signature = inspect.signature(cls.__init__).parameters
+        accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.values())
+        kwargs = {k: v for k, v in optimizer.defaults.items() if k != "params" and (accepts_any or k in signature)}
+        if not isinstance(optimizer, PathSGD):
+            return cls(groups, **kwargs)
+        fresh = cls(groups, **kwargs, p=optimizer.p, eps=optimizer.eps, dtype=optimizer.dtype)
+        try:
+            return fresh.bind(bound)  # the traced graph bound to the copy: no new trace
+        except TypeError:
+            # an engine whose PathSGD.bind takes modules only traces the copy; its trace cache keeps the copy,
+            # so the same copy is kept and reused for every check of this fit (one trace, one copy)
+            self._kept_copy = bound.model
+            return fresh.bind(bound.model, bound.input_shape)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -263,14 +357,31 @@ class RescalingInvarianceCheck(Callback):
             rank_zero_warn(message)
 
 
+def copy_to(network: nn.Module, device: torch.device) -> nn.Module:
+    """A deep copy of ``network`` whose parameters and buffers are made directly on ``device`` (no gradients)."""
+    memo: dict[int, Any] = {}
+    for _, tensor in itertools.chain(network.named_parameters(remove_duplicate=True),
+                                     network.named_buffers(remove_duplicate=True)):
+        data = tensor.detach().to(device, copy=True)
+        memo[id(tensor)] = nn.Parameter(data, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else data
+    return copy.deepcopy(network, memo)
+
+
+def _tensors(module: nn.Module) -> list[Tensor]:
+    return [*module.parameters(), *module.buffers()]
+
+
 def _device_of(module: nn.Module) -> torch.device:
     parameter = next(module.parameters(), None)
     return parameter.device if parameter is not None else torch.device("cpu")
 
 
-def _distance(first: Iterable[Tensor], second: Iterable[Tensor]) -> Tensor:
-    """Euclidean distance between two lists of tensors, taken as one vector, in float64."""
-    return torch.stack([(u.double() - v.double()).pow(2).sum() for u, v in zip(first, second)]).sum().sqrt()
+def _max_abs(tensor: Tensor) -> Tensor:
+    return tensor.double().abs().max()
+
+
+def _max_abs_diff(first: Tensor, second: Tensor) -> Tensor:
+    return (first.double() - second.double()).abs().max()
 
 
 def _ratio(numerator: Tensor, denominator: Tensor) -> float:
@@ -278,31 +389,3 @@ def _ratio(numerator: Tensor, denominator: Tensor) -> float:
     if denominator == 0:
         return 0.0 if numerator == 0 else math.inf
     return numerator / denominator
-
-
-def _fresh_optimizer(optimizer: torch.optim.Optimizer, network: nn.Module, copy_: nn.Module,
-                     shape: tuple[int, ...] | None) -> torch.optim.Optimizer | None:
-    """An optimizer of ``optimizer``'s class and hyper-parameters over the matching parameters of ``copy_``."""
-    name_of = {id(t): name for name, t in network.named_parameters()}
-    copied = dict(copy_.named_parameters())
-    groups = []
-    for group in optimizer.param_groups:
-        params = [copied[name_of[id(t)]] for t in group["params"] if id(t) in name_of]
-        if params:
-            groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": params})
-    if not groups:
-        return None
-    cls = type(optimizer)
-    signature = inspect.signature(cls.__init__).parameters
-    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.values())
-    kwargs = {k: v for k, v in optimizer.defaults.items() if k != "params" and (accepts_any or k in signature)}
-    if isinstance(optimizer, PathSGD):
-        same_network = optimizer.model is network
-        kwargs.update(
-            model=copy_,
-            p=optimizer.p,
-            input_shape=optimizer.graph.input_shape if same_network else shape,
-            eps=optimizer.eps,
-            dtype=optimizer.dtype,
-        )
-    return cls(groups, **kwargs)

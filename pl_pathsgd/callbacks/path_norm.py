@@ -12,35 +12,41 @@ from lightning.pytorch.callbacks.callback import Callback
 from torch import Tensor
 from typing_extensions import override
 
-from pl_pathsgd.callbacks._common import NetworkGeometry, check_input_shape, is_number, p_label, require_logger
-from pl_pathsgd.paths.norms import path_norm_of
+from pl_pathsgd.callbacks._batch import BatchReader, UnpackBatch
+from pl_pathsgd.callbacks._common import SharedGraph, check_input_shape, is_number, p_label, require_logger
+from pl_pathsgd.paths import PathGraph, path_norm
 
 
 class PathNormMonitor(Callback):
     r"""Log the l_p path-norms phi_p(w) of the network being trained.
 
     phi_p(w) = (sum over input->output paths of prod_e |w_e|^p)^(1/p), phi_inf the largest path product
-    (biases are edges from a constant unit).  The network is traced once, at the start of fit, and every
-    measurement is one forward pass of its path twin at batch size 1 on the current weights.
+    (biases are edges from a constant unit).  The network is traced once per fit and input shape, and the
+    trace is shared with ``PathSGD`` and the other callbacks (:func:`pl_pathsgd.paths.trace`); every
+    measurement is one forward pass of its path twin at batch size 1 on the current weights.  It reads the
+    weights and changes nothing: not the weights, the modes, nor any random state.
 
     Logged keys: ``path_norm/p1``, ``path_norm/p2``, ``path_norm/pinf`` for the default ``p``; in general
     ``path_norm/p<p>`` (``p3``, ``p1.5``).  With ``logging_interval="epoch"`` they are logged at the end of
     every training epoch; with ``"step"`` after every training batch.  The values are computed in float64
     from the weights, which are the same on every process under DDP, so no reduction is needed.
 
-    Works with any LightningModule: the network is ``pl_module.path_network`` if defined, else the module
-    itself (whose ``forward`` takes the input batch).
+    The network is ``pl_module.path_network`` if defined, else the module.  Its input shape: ``input_shape``,
+    else ``pl_module.example_input_array`` (without the batch dimension), else that of a ``PathSGD`` of the
+    run bound to the network, else that of the first training batch's inputs (read with ``unpack_batch``).
 
     Args:
         p: one value or several, each ``>= 1`` or ``math.inf``.
         logging_interval: ``"epoch"`` or ``"step"``.
-        input_shape: shape of one example without the batch dimension. Default: ``pl_module.path_input_shape``,
-            else the shape of the first training batch's inputs, else inferred from a leading ``Linear`` layer.
+        input_shape: shape of one example without the batch dimension.
+        unpack_batch: ``batch -> (inputs, targets)``, only needed to take the input shape from a batch that is
+            not an ``(x, y)`` tuple/list or a dict with an ``"x"``-like key (see :mod:`pl_pathsgd.callbacks`).
 
     Raises:
         ValueError: for an invalid ``p``, a repeated ``p``, or an unknown ``logging_interval``.
         MisconfigurationException: when the Trainer has no logger.
-        UnsupportedModelError: at the start of fit, when the network has layers without a path decomposition.
+        UnsupportedModelError: before the first training step, when the network has layers without a path
+            decomposition.
 
     Example::
 
@@ -52,6 +58,7 @@ class PathNormMonitor(Callback):
         p: float | Iterable[float] = (1, 2, math.inf),
         logging_interval: Literal["epoch", "step"] = "epoch",
         input_shape: tuple[int, ...] | None = None,
+        unpack_batch: UnpackBatch | None = None,
     ):
         values = [p] if is_number(p) else list(p) if isinstance(p, Iterable) and not isinstance(p, str) else [p]
         if not values:
@@ -66,8 +73,15 @@ class PathNormMonitor(Callback):
             raise ValueError(f"PathNormMonitor(logging_interval={logging_interval!r}): use 'epoch' or 'step'")
         self.logging_interval = logging_interval
         self.input_shape = check_input_shape(input_shape, "PathNormMonitor")
+        self.reader = BatchReader(unpack_batch, "PathNormMonitor", inputs_tensor=True, targets=False)
         self.keys = {v: f"path_norm/{p_label(v)}" for v in self.p}
-        self._geometry = NetworkGeometry(self.input_shape)
+        self._graph = SharedGraph(self.input_shape, "PathNormMonitor")
+        self._batch_checked = False
+
+    @property
+    def graph(self) -> PathGraph | None:
+        """The traced graph of the network in this fit (shared with PathSGD and the other callbacks)."""
+        return self._graph.graph
 
     @property
     @override
@@ -81,15 +95,20 @@ class PathNormMonitor(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # after configure_model, so the network is complete; fails early for an unsupported network
-        self._geometry.reset()
-        self._geometry.check(pl_module)
+        # after configure_model and configure_optimizers: the network is complete and PathSGD is bound
+        self._graph.reset()
+        self._batch_checked = False
+        self._graph.at_fit_start(trainer, pl_module)
 
     @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self._geometry.observe(batch)
+        if not self._batch_checked:
+            self._batch_checked = True
+            if self._graph.graph is None:  # the input shape must come from this batch
+                inputs, _ = self.reader.check(batch, "first training batch")
+                self._graph.at_first_batch(trainer, pl_module, inputs)
 
     @override
     def on_train_batch_end(
@@ -108,6 +127,6 @@ class PathNormMonitor(Callback):
 
     def compute(self, pl_module: pl.LightningModule) -> dict[str, Tensor]:
         """The path-norms of the network's current weights, ``{logged key: float64 scalar}``."""
-        graph = self._geometry.get(pl_module)
+        graph = self._graph.get(pl_module)
         with torch.no_grad():
-            return {self.keys[p]: path_norm_of(graph, p, dtype=torch.float64) for p in self.p}
+            return {self.keys[p]: path_norm(graph, p, dtype=torch.float64) for p in self.p}
