@@ -13,7 +13,7 @@ from pl_pathsgd.paths.errors import PathGeometryError
 from pl_pathsgd.paths.fast_linear import row_block, scratch
 from pl_pathsgd.paths.geometry import StepGeometry, step_divisors
 from pl_pathsgd.paths.graph import PathGraph, trace
-from pl_pathsgd.paths.norms import DenseScaling, OuterScaling, Scaling, check_p
+from pl_pathsgd.paths.norms import RECURRENT_MODES, DenseScaling, OuterScaling, Scaling, check_p
 
 # torch's fused SGD kernel (what ``torch.optim.SGD(fused=True)`` runs): the momentum update of a
 # block in one pass over parameter, gradient and buffer.  Eager ops do the same where it is missing.
@@ -85,8 +85,13 @@ class PathSGD(Optimizer):
             the division runs in) makes that update exactly 0 instead of 0/0.
         dtype: precision of the geometry. ``None`` (default): the working dtype above, with the float64
             fallback. A dtype (e.g. ``torch.float64``): always that one, with no check and no fallback.
+        recurrent: for ReLU recurrent networks (``nn.RNN(nonlinearity="relu")``), whose recurrent weights a path
+            can use several times: ``"kappa1"`` (default) divides by kappa^(1), the sum of gamma_in * gamma_out
+            over the weight's edges, as for any shared weight; ``"exact"`` adds kappa^(2), the part of Path-SGD's
+            divisor from paths that use the weight two or more times (O(T n^3) per step for T steps and n
+            units; :func:`pl_pathsgd.paths.norms.recurrent_kappas`).  Both keep the rescaling invariance.
 
-    ``p``, ``eps`` and ``dtype`` are per-group options (a param group may set its own) and are saved in
+    ``p``, ``eps``, ``dtype`` and ``recurrent`` are per-group options (a param group may set its own) and are saved in
     :meth:`state_dict`.  ``step(closure=None)``: the closure is optional (Lightning runs it itself under
     mixed precision).
     """
@@ -105,11 +110,12 @@ class PathSGD(Optimizer):
         input_shape: tuple[int, ...] | None = None,
         eps: float | None = None,
         dtype: torch.dtype | None = None,
+        recurrent: str = "kappa1",
     ):
         if input_shape is not None and model is None:
             raise ValueError("input_shape is given without model; pass both, or give input_shape to bind()")
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=weight_decay,
-                        p=p, eps=eps, dtype=dtype)
+                        p=p, eps=eps, dtype=dtype, recurrent=recurrent)
         _check_options(defaults)
         super().__init__(params, defaults)
         self.model: nn.Module | None = None
@@ -145,19 +151,21 @@ class PathSGD(Optimizer):
 
     # ------------------------------------------------------------------ the network
 
-    def bind(self, model: nn.Module, input_shape: tuple[int, ...] | None = None) -> PathSGD:
-        """Follow the path geometry of ``model`` (the network the parameters belong to); returns ``self``.
+    def bind(self, model: nn.Module | PathGraph, input_shape: tuple[int, ...] | None = None) -> PathSGD:
+        """Follow the path geometry of ``model`` (the network the parameters belong to, or its traced graph,
+        e.g. ``graph.bind(copy)`` for a copy); returns ``self``.
 
         ``PathSGD(params, model=net)`` binds at construction.  An optimizer built from parameters alone
         (by LightningCLI, a factory function or ``functools.partial``) is bound by whoever owns the network,
         e.g. :class:`~pl_pathsgd.PathSGDMixin` in ``configure_optimizers``.  The network is traced once per
         input shape (:func:`pl_pathsgd.paths.trace`); an unsupported network raises here, before any step.
         """
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"PathSGD.bind needs the network (an nn.Module), got {type(model).__name__}")
+        if not isinstance(model, (nn.Module, PathGraph)):
+            raise TypeError(f"PathSGD.bind needs the network (an nn.Module or its traced PathGraph), got "
+                            f"{type(model).__name__}")
         graph = trace(model, input_shape)
-        self.model, self.graph = model, graph
-        self._names = {id(t): n for n, t in model.named_parameters()}
+        self.model, self.graph = graph.model, graph
+        self._names = {id(t): n for n, t in graph.model.named_parameters()}
         self._check_params_on_paths()
         return self
 
@@ -168,8 +176,8 @@ class PathSGD(Optimizer):
 
     def _check_params_on_paths(self) -> None:
         on_paths = set()
-        for p, dtype in {(g["p"], g["dtype"]) for g in self.param_groups}:
-            geometry = step_divisors(self.graph, p, dtype)
+        for p, dtype, recurrent in {_geometry_key(g) for g in self.param_groups}:
+            geometry = step_divisors(self.graph, p, dtype, recurrent)
             on_paths |= set(geometry.scalings)
             self.last_geometry_dtype = geometry.dtype
         off_path = [
@@ -206,7 +214,7 @@ class PathSGD(Optimizer):
                 by_dtype.setdefault(param.grad.dtype, []).append(param)
             if not by_dtype:
                 continue
-            key = (group["p"], group["dtype"])
+            key = _geometry_key(group)
             if key not in geometries:
                 geometries[key] = step_divisors(self.graph, *key)
                 self.geometry_fallbacks += geometries[key].fell_back
@@ -327,6 +335,11 @@ def _low_precision_update(param: Tensor, direction: Tensor, buffer: Tensor | Non
     param.copy_(param.to(direction.dtype).sub_(step, alpha=lr))
 
 
+def _geometry_key(group: dict) -> tuple:
+    """What a group's divisors depend on besides the weights (groups that agree share one computation)."""
+    return group["p"], group["dtype"], group.get("recurrent", "kappa1")
+
+
 def _check_options(options: dict) -> None:
     """Validate the hyper-parameters of PathSGD (defaults or one param group)."""
     lr, momentum = options["lr"], options["momentum"]
@@ -347,6 +360,8 @@ def _check_options(options: dict) -> None:
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"Invalid dtype: {dtype!r} (must be None or a floating-point torch.dtype)")
     check_p(options["p"], allow_inf=False)
+    if options.get("recurrent", "kappa1") not in RECURRENT_MODES:
+        raise ValueError(f"Invalid recurrent={options['recurrent']!r}: choose 'kappa1' (the default) or 'exact'")
 
 
 def _fusable(tensors) -> bool:

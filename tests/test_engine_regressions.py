@@ -257,7 +257,7 @@ def test_examples_are_computed_one_by_one():
             h = self.a(x)
             return h - h.mean(0, keepdim=True)
 
-    with pytest.raises(P.UnsupportedModelError, match="batch as its first dimension"):
+    with pytest.raises(P.UnsupportedModelError, match="batch as a dimension of its own"):
         P.path_norm(MixesTheBatch())
 
 

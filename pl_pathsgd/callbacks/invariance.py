@@ -46,7 +46,7 @@ class RescalingInvarianceCheck(Callback):
     r"""Check node-wise rescaling invariance (Theorem 5.1 of Path-SGD) on one copy of the network.
 
     At the end of every ``every_n_epochs``-th training epoch the callback copies the network once (on
-    ``device``; the training model is never touched), puts the copy in eval mode, draws one factor per
+    ``device``; the training model is never touched) in the network's own modes, draws one factor per
     rescalable hidden unit, log-uniformly in ``[min_factor, max_factor]`` (seeded by ``seed`` and the epoch),
     and works on that one copy.  With A the network, T the rescaling, B = T(A), and the *probe batch* x (the
     first training batch of the fit) it logs:
@@ -136,8 +136,6 @@ class RescalingInvarianceCheck(Callback):
         self.checks_done = 0
         self.last: dict[str, float] = {}
         self._warned: set[str] = set()
-        # the copy kept between checks, only where the engine must trace a copy to bind PathSGD to it
-        self._kept_copy: nn.Module | None = None
 
     # ------------------------------------------------------------------ Lightning plumbing
 
@@ -169,11 +167,6 @@ class RescalingInvarianceCheck(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             require_logger(trainer, type(self).__name__)
-
-    @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            self._kept_copy = None
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -256,9 +249,9 @@ class RescalingInvarianceCheck(Callback):
 
         results: dict[str, float] = {}
         with torch.no_grad():
-            out_a, phi_a = work(x), path_norm(bound, 2)
+            out_a, phi_a = self._forward(work, x), path_norm(bound, 2)
             rescale_units(bound, factors)
-            out_b, phi_b = work(x), path_norm(bound, 2)
+            out_b, phi_b = self._forward(work, x), path_norm(bound, 2)
         results["invariance/function"] = _ratio(_max_abs_diff(out_b, out_a), _max_abs(out_a))
         results["invariance/path_norm"] = _ratio((phi_b - phi_a).abs(), phi_a)
 
@@ -269,26 +262,30 @@ class RescalingInvarianceCheck(Callback):
             self._warn_once("target", f"{type(self).__name__}: the probe batch has no targets; no invariance/update")
         elif self._step(optimizer, network, bound, x, y):  # B -> B'
             with torch.no_grad():
-                out_b_next = work(x)
+                out_b_next = self._forward(work, x)
                 for target, source in zip(_tensors(work), _tensors(network)):
                     target.copy_(source)  # back to A, exactly
             self._step(optimizer, network, bound, x, y)  # A -> A'
             with torch.no_grad():
-                out_a_next = work(x)
+                out_a_next = self._forward(work, x)
             results["invariance/update"] = _ratio(_max_abs_diff(out_b_next, out_a_next),
                                                   _max_abs_diff(out_a_next, out_a))
         return results
 
     def _copy_of(self, network: nn.Module) -> nn.Module:
-        """A copy of the network in eval mode, on ``device``: a new one, or the kept one refreshed."""
-        work = self._kept_copy
-        if work is None:
-            work = copy_to(network, self.device if self.device is not None else _device_of(network))
-        else:
-            with torch.no_grad():
-                for target, source in zip(_tensors(work), _tensors(network)):
-                    target.copy_(source)
-        return work.eval()
+        """A copy of the network, in the network's modes, on ``device`` (freed after the check).
+
+        Keeping the modes keeps the traced graph of the network valid for the copy (no new trace); dropout
+        draws the same masks in every evaluation of a check (:meth:`_forward`), so A and B see the same ones.
+        """
+        return copy_to(network, self.device if self.device is not None else _device_of(network))
+
+    def _forward(self, work: nn.Module, x: Tensor) -> Tensor:
+        """The copy's output, with dropout masks drawn from a private seed: the same masks at every call."""
+        device = _device_of(work)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(self.seed)
+            return work(x)
 
     def _probe_on(self, work: nn.Module, device: torch.device) -> tuple[Tensor, Tensor | None]:
         x, y = self.probe
@@ -315,7 +312,7 @@ class RescalingInvarianceCheck(Callback):
 
         def closure() -> Tensor:
             fresh.zero_grad()
-            loss = self.loss_fn(work(x), y)
+            loss = self.loss_fn(self._forward(work, x), y)
             loss.backward()
             return loss
 
@@ -342,14 +339,7 @@ class RescalingInvarianceCheck(Callback):
         kwargs = {k: v for k, v in optimizer.defaults.items() if k != "params" and (accepts_any or k in signature)}
         if not isinstance(optimizer, PathSGD):
             return cls(groups, **kwargs)
-        fresh = cls(groups, **kwargs, p=optimizer.p, eps=optimizer.eps, dtype=optimizer.dtype)
-        try:
-            return fresh.bind(bound)  # the traced graph bound to the copy: no new trace
-        except TypeError:
-            # an engine whose PathSGD.bind takes modules only traces the copy; its trace cache keeps the copy,
-            # so the same copy is kept and reused for every check of this fit (one trace, one copy)
-            self._kept_copy = bound.model
-            return fresh.bind(bound.model, bound.input_shape)
+        return cls(groups, **kwargs).bind(bound)  # the traced graph bound to the copy: no new trace
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

@@ -44,15 +44,17 @@ def working_dtype(parameters) -> torch.dtype:
     return dtype if dtype in (torch.float32, torch.float64) else torch.float64
 
 
-def step_divisors(graph: PathGraph, p: float, dtype: torch.dtype | None = None) -> StepGeometry:
+def step_divisors(graph: PathGraph, p: float, dtype: torch.dtype | None = None,
+                  recurrent: str = "kappa1") -> StepGeometry:
     """The divisors for a Path-SGD step: in ``dtype`` if given (no check), else in the working dtype of the
-    network's parameters with a float64 fallback when the result leaves the normal range."""
+    network's parameters with a float64 fallback when the result leaves the normal range.  ``recurrent``:
+    see :func:`~pl_pathsgd.paths.norms.scaling_of`."""
     if dtype is not None:
-        return StepGeometry(scaling_of(graph, p, dtype), dtype)
+        return StepGeometry(scaling_of(graph, p, dtype, recurrent=recurrent), dtype)
     dtype = working_dtype(graph.model.parameters())
-    scalings = scaling_of(graph, p, dtype)
+    scalings = scaling_of(graph, p, dtype, recurrent=recurrent)
     if dtype != torch.float64 and not in_normal_range(scalings, dtype, p):
-        return StepGeometry(scaling_of(graph, p, torch.float64), torch.float64, fell_back=True)
+        return StepGeometry(scaling_of(graph, p, torch.float64, recurrent=recurrent), torch.float64, fell_back=True)
     return StepGeometry(scalings, dtype)
 
 

@@ -125,7 +125,7 @@ class Program:
         rule = rule_for(node.target)
         if rule is None:
             return self._where(node), reason_for(node.target)
-        call = Call(node, kind, self.kinds, self._where(node))
+        call = Call(node, kind, self.kinds, self._where(node), extra={"parameter_names": self.traced.parameters})
         reason = rule.check(call)
         self.steps.append(Step(node, kind, rule, call))
         return (call.where, reason) if reason else None
@@ -134,14 +134,17 @@ class Program:
         return describe(node, self.traced.hooked)
 
     def _batch_problem(self, node: fx.Node) -> str | None:
-        """Activations keep the batch on dimension 0, alone: otherwise forward mixes the examples of a batch."""
+        """Activations keep the batch as one dimension of its own (the first, or another after a transpose, as
+        for a sequence-first RNN): otherwise forward mixes the examples of a batch."""
         batch = self.traced.batch_symbol
         value = node.meta.get("val")
         if isinstance(value, Tensor):  # operations with several results are checked where a result is taken
             shape = tuple(value.shape)
-            if not shape or not _is_batch(shape[0], batch) or any(not isinstance(d, int) for d in shape[1:]):
+            batch_dims = [d for d in shape if _is_batch(d, batch)]
+            others = [d for d in shape if not _is_batch(d, batch)]
+            if len(batch_dims) != 1 or any(not isinstance(d, int) for d in others):
                 return (f"{op_name(node.target)} gives a value of shape {_shape_text(shape)} that does not keep the "
-                        "batch as its first dimension alone; the path geometry needs every example computed on its "
+                        "batch as a dimension of its own; the path geometry needs every example computed on its "
                         "own (forward must not mix, reduce or reshape across the batch)")
         return None
 
@@ -241,13 +244,15 @@ class PathGraph:
             raise TypeError(f"the path geometry needs an nn.Module, got {type(model).__name__}")
         tracing.check_materialized(model)
         self.model = model
-        if _programs is None:
+        first = _programs is None
+        if first:
             shape, program = _first_trace(model, input_shape)
             _programs = _Programs(shape)
             _programs.by_fingerprint[tracing.module_fingerprint(model)] = program
         self._programs = _programs
         self.input_shape: Shape = _programs.input_shape
-        self._check_runs()
+        if first:  # one check evaluation per traced network, not per graph sharing its programs
+            self._check_runs()
 
     # -- programs
 
@@ -373,9 +378,7 @@ def _first_trace(model: nn.Module, input_shape: Shape | int | None) -> tuple[Sha
         shape = (guess.in_features,)
         try:
             traced = tracing.export_program(model, shape)
-        except tracing.TraceError as error:
-            if not error.shape_related:
-                raise
+        except tracing.InputShapeError:
             traced = None  # the guess was wrong: the input is not a vector of that size
         if traced is not None:
             program = Program(traced, name)  # an unsupported network is reported as such
@@ -416,27 +419,35 @@ def _check_shape(input_shape: Any) -> Shape:
 
 # ----------------------------------------------------------------------------- one trace per network and shape
 
-_TRACES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# The traced programs of a network, by input shape: they do not refer to the network, so this cache never keeps
+# a network alive.  The graphs themselves are shared while someone holds them (the optimizer, a callback).
+_PROGRAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_GRAPHS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
 def trace(model: nn.Module | PathGraph, input_shape: Shape | int | None = None) -> PathGraph:
     """The :class:`PathGraph` of ``model`` for ``input_shape``, traced once and then shared.
 
     The optimizer, the norms and every callback that ask for the same network and input shape get the
-    same graph, so a run traces its network once (and again only if its modes or hooks change).  A
-    :class:`PathGraph` is returned as it is.  ``input_shape=None`` reuses the shape the network was
+    same traced graph, so a run traces its network once (and again only if its modes or hooks change).
+    A :class:`PathGraph` is returned as it is.  ``input_shape=None`` reuses the shape the network was
     traced with, or infers it from a leading ``Linear`` layer.
     """
     if isinstance(model, PathGraph):
         return model
-    graphs = _TRACES.setdefault(model, {})
-    key = None if input_shape is None else _check_shape(input_shape)
-    if key is None and graphs:
-        return next(iter(graphs.values()))
-    graph = graphs.get(key)
-    if graph is None:
-        graph = PathGraph(model, key)
-        graphs[graph.input_shape] = graph
+    programs = _PROGRAMS.setdefault(model, {})
+    key = _check_shape(input_shape) if input_shape is not None else next(iter(programs), None)
+    if key is not None:
+        graph = _GRAPHS.get((id(model), key))
+        if graph is not None and graph.model is model:
+            return graph
+        if key in programs:
+            graph = PathGraph(model, key, _programs=programs[key])
+            _GRAPHS[(id(model), key)] = graph
+            return graph
+    graph = PathGraph(model, key)
+    programs[graph.input_shape] = graph._programs
+    _GRAPHS[(id(model), graph.input_shape)] = graph
     return graph
 
 

@@ -43,6 +43,7 @@ from pl_pathsgd.paths.graph import PathGraph, Program, trace
 from pl_pathsgd.paths.ops import Kind, TwinRun
 from pl_pathsgd.paths.ops.elementwise import Copy, PositivelyHomogeneous
 from pl_pathsgd.paths.ops.registry import GETITEM
+from pl_pathsgd.paths.ops.recurrent import ReluRNN, _layer_parameters, _options, kappa2_of
 from pl_pathsgd.paths.ops.structural import View
 
 
@@ -110,8 +111,11 @@ class DenseScaling:
 Scaling = OuterScaling | DenseScaling
 
 
+RECURRENT_MODES = ("kappa1", "exact")
+
+
 def scaling_of(graph: PathGraph, p: float = 2, dtype: torch.dtype = torch.float64, *,
-               chain: bool = True, fast_linear: bool = True) -> dict[str, Scaling]:
+               chain: bool = True, fast_linear: bool = True, recurrent: str = "kappa1") -> dict[str, Scaling]:
     """The Path-SGD divisors of every parameter on a path, keyed by parameter name, before any epsilon.
 
     One forward and one backward pass of the twin at batch size 1.  Linear weights used once come back
@@ -122,9 +126,13 @@ def scaling_of(graph: PathGraph, p: float = 2, dtype: torch.dtype = torch.float6
     with one read fewer of the largest hidden weight matrix.  ``chain=False`` forces the general route,
     and ``fast_linear=False`` makes it build |W|^p for every Linear layer instead of reading W blockwise
     (:mod:`pl_pathsgd.paths.fast_linear`) — both only for comparison.
+
+    ``recurrent``: ``"kappa1"`` gives a shared weight the sum over its edges of gamma_in * gamma_out
+    (kappa^(1)); ``"exact"`` adds kappa^(2) for the paths that use a recurrent weight more than once
+    (:func:`recurrent_kappas`), the exact Path-SGD divisor.
     """
     p = check_p(p, allow_inf=False)
-    power = 2.0 / p
+    exact = _check_recurrent(recurrent, graph)
     program = graph.program()
     names = graph.parameter_names(program)
     layers = program_chain(program) if chain else None
@@ -138,24 +146,133 @@ def scaling_of(graph: PathGraph, p: float = 2, dtype: torch.dtype = torch.float6
             if b is not None:
                 result[names[b]] = bias_scaling
         return result
+    kappas, outer = _twin_kappas(graph, p, dtype, fast_linear, exact)
+    power = 2.0 / p
+    scalings: dict[str, Scaling] = {}
+    for name, (kappa1, kappa2) in kappas.items():
+        scalings[names[name]] = DenseScaling((kappa1 + kappa2).pow(power))
+    for name, pairs in outer.items():
+        scalings[names[name]] = _linear_weight_scaling(pairs, power)
+    return scalings
+
+
+def _check_recurrent(recurrent: str, graph: PathGraph) -> bool:
+    if recurrent not in RECURRENT_MODES:
+        raise PathGeometryError(f"recurrent={recurrent!r}: choose 'kappa1' (the default) or 'exact'")
+    if recurrent == "exact":
+        repeated = graph.program().cached("repeated_on_a_path", lambda: _repeated_on_a_path(graph.program()))
+        if repeated:
+            names = graph.parameter_names()
+            raise PathGeometryError(
+                f"recurrent='exact' computes kappa^(2) for nn.RNN(nonlinearity='relu'); "
+                f"{', '.join(names[n] for n in repeated)} {'is' if len(repeated) == 1 else 'are'} used more than once "
+                "along a path by other operations (a hand-written recurrence or a layer applied twice in a row). Use "
+                "recurrent='kappa1' for them, or write the recurrence with nn.RNN.")
+    return recurrent == "exact"
+
+
+def _twin_kappas(graph: PathGraph, p: float, dtype: torch.dtype, fast_linear: bool, exact: bool):
+    """kappa^(1) and kappa^(2) (zeros unless ``exact``) of every parameter leaf of the twin, by placeholder name,
+    and the (gamma_out, gamma_in) pairs of the Linear weights read blockwise."""
     run = TwinRun(p=p, mode="sum", dtype=dtype, track=True, fast_linear=fast_linear)
+    if exact:
+        run.recurrences = []
     with torch.enable_grad():
         total = graph.evaluate(run).sum()
         leaves = [(name, leaf) for name, leaf in run.leaves.items() if leaf.requires_grad]
         calls = [(name, x, out) for name, pairs in run.linear_calls.items() for x, out in pairs]
-        targets = [leaf for _, leaf in leaves] + [out for _, _, out in calls]
-        grads = torch.autograd.grad(total, targets, allow_unused=True) if targets else ()
+        states = [state for _, layer_states, _ in run.recurrences or [] for state in layer_states]
+        targets = [leaf for _, leaf in leaves] + [out for _, _, out in calls] + states
+        trackable = [t.requires_grad for t in targets]
+        grads = torch.autograd.grad(total, [t for t, on in zip(targets, trackable) if on], allow_unused=True) \
+            if any(trackable) else ()
+    grads = iter(grads)
+    grads = [next(grads) if on else None for on in trackable]
     grads = [g if g is not None else torch.zeros_like(t) for g, t in zip(grads, targets)]
-
-    scalings: dict[str, Scaling] = {}
-    for (name, _), grad in zip(leaves, grads):
-        scalings[names[name]] = DenseScaling(grad.pow(power))
+    kappas = {name: [grad, torch.zeros_like(grad)] for (name, _), grad in zip(leaves, grads)}
     outer: dict[str, list[tuple[Tensor, Tensor]]] = {}
     for (name, x, _), grad in zip(calls, grads[len(leaves):]):
         outer.setdefault(name, []).append((grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])))
-    for name, pairs in outer.items():
-        scalings[names[name]] = _linear_weight_scaling(pairs, power)
-    return scalings
+    state_grads = iter(grads[len(leaves) + len(calls):])
+    for name, layer_states, recurrent_twin in run.recurrences or []:
+        gamma_out = [next(state_grads) for _ in layer_states]
+        kappas[name][1] = kappas[name][1] + kappa2_of(layer_states, gamma_out, recurrent_twin)
+    return {name: tuple(pair) for name, pair in kappas.items()}, outer
+
+
+def recurrent_kappas(model: nn.Module | PathGraph, p: float = 2, input_shape: tuple[int, ...] | None = None,
+                     dtype: torch.dtype = torch.float64) -> dict[str, tuple[Tensor, Tensor]]:
+    """kappa^(1) and kappa^(2) of every recurrent weight (``weight_hh`` of an ``nn.RNN``), by parameter name.
+
+    Path-SGD's exact divisor of a shared weight is (kappa^(1) + kappa^(2))^(2/p): kappa^(1) sums
+    gamma_in * gamma_out over the edges the weight stands for, kappa^(2) adds what the paths that use it
+    two or more times contribute (see :func:`pl_pathsgd.paths.ops.recurrent.kappa2_of`).  Where
+    kappa^(2) / kappa^(1) is large, the default (kappa^(1) alone) is a rough approximation.
+    """
+    graph = trace(model, input_shape)
+    p = check_p(p, allow_inf=False)
+    kappas, _ = _twin_kappas(graph, p, dtype, fast_linear=True, exact=True)
+    names = graph.parameter_names()
+    return {names[name]: kappas[name] for name in _recurrent_weights(graph.program()) if name in kappas}
+
+
+def recurrence_ratio(model: nn.Module | PathGraph, p: float = 2,
+                     input_shape: tuple[int, ...] | None = None) -> dict[str, float]:
+    """The largest kappa^(2) / kappa^(1) over the entries of every recurrent weight (0 where kappa^(1) is 0)."""
+    ratios = {}
+    for name, (kappa1, kappa2) in recurrent_kappas(model, p, input_shape).items():
+        ratio = torch.where(kappa1 > 0, kappa2 / kappa1.clamp_min(torch.finfo(kappa1.dtype).tiny),
+                            torch.zeros_like(kappa1))
+        ratios[name] = float(ratio.max()) if ratio.numel() else 0.0
+    return ratios
+
+
+def _recurrent_weights(program: Program) -> list[str]:
+    """The placeholder names of the recurrent weights (``weight_hh``) of every recurrent layer."""
+    names = []
+    for step in program.steps:
+        if isinstance(step.rule, ReluRNN):
+            layers = _options(step.call)["num_layers"]
+            names += [_layer_parameters(step.call, layer)[1].name for layer in range(layers)]
+    return names
+
+
+def _repeated_on_a_path(program: Program) -> list[str]:
+    """Parameters used by two operations one of which feeds the other (outside recurrent layers, which compute
+    their own kappa^(2)): a path can use them twice, and their kappa^(2) is not computed."""
+    repeated = []
+    for name in program.traced.parameters:
+        node = next(n for n in program.graph.nodes if n.name == name)
+        uses = [u for u in node.users if program.kinds.get(u) in (Kind.ACT, Kind.PARAM) and not _bias_use(u, node)]
+        for use in uses:
+            reachable = _descendants(use)
+            if any(other in reachable for other in uses if other is not use):
+                repeated.append(name)
+                break
+    return repeated
+
+
+def _bias_use(user, parameter) -> bool:
+    """Whether a parameter enters an operation only as a bias: an edge from a constant unit, where paths start, so
+    no path uses it twice."""
+    packet = getattr(user.target, "overloadpacket", None)
+    operands = list(user.args)
+    if packet in (torch.ops.aten.add, torch.ops.aten.sub):
+        return True
+    if packet in (torch.ops.aten.linear, torch.ops.aten.conv1d, torch.ops.aten.conv2d, torch.ops.aten.conv3d,
+                  torch.ops.aten.convolution):
+        return parameter not in operands[:2]
+    return False
+
+
+def _descendants(node) -> set:
+    seen, stack = set(), [node]
+    while stack:
+        for user in stack.pop().users:
+            if user not in seen:
+                seen.add(user)
+                stack.append(user)
+    return seen
 
 
 def _linear_weight_scaling(pairs: list[tuple[Tensor, Tensor]], power: float) -> Scaling:

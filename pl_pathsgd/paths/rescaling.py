@@ -86,20 +86,23 @@ def _analyse_units(program: Program) -> _Units:
     for index, step in enumerate(program.steps):
         if step.rule is None or step.kind != Kind.ACT or type(step.rule).produces is Rule.produces:
             continue
-        name = _layer_name(program, step.node)
-        producer = step.rule.produces(step.call)
-        if producer is None:
+        produced = step.rule.produces(step.call)
+        if produced is None:
             continue
-        nodes[name] = step.node
-        if isinstance(producer, str):
-            blocked[name] = producer
+        if isinstance(produced, str):
+            name = _layer_name(program, step.node)
+            nodes[name] = step.node
+            blocked[name] = produced
             continue
-        try:
-            consumers = _follow(program, index, producer)
-        except Blocked as why:
-            blocked[name] = str(why)
-            continue
-        layers[name] = LayerUnits(producer, consumers)
+        for producer in produced if isinstance(produced, list) else [produced]:
+            name = producer.name or _layer_name(program, step.node)
+            nodes[name] = step.node
+            try:
+                consumers = _follow(program, index, producer)
+            except Blocked as why:
+                blocked[name] = str(why)
+                continue
+            layers[name] = LayerUnits(producer, consumers)
     return _Units(layers, blocked, nodes)
 
 
@@ -153,13 +156,15 @@ def _follow(program: Program, start: int, producer: Producer) -> list[Consumer]:
     final = ids.get(program.output)
     if final is not None and bool((torch.isnan(final) | (final >= 0)).any()):
         raise Blocked("its units reach the network output without passing through another layer")
-    if not consumers:
+    if not consumers and not producer.absorbed_inside:
         raise Blocked("its units reach no other layer")
     return consumers
 
 
 def _producer_ids(node: fx.Node, producer: Producer):
     meta = node.meta["val"]
+    if producer.place is not None:
+        return producer.place(meta)
     output = meta[0] if isinstance(meta, (list, tuple)) else meta
     shape = sizes_at_batch_one(output.shape)
     axis = producer.axis % len(shape)

@@ -57,16 +57,26 @@ class TracedProgram:
     hooked: frozenset[str] = frozenset()  # paths of modules with forward hooks or pre-hooks
 
 
+# Layers whose train/eval mode does not change their path twin (dropout is inert in the twin, the others ignore
+# the mode): switching them, as Lightning does around validation, needs no new trace.  Exact classes only: a
+# subclass may read ``self.training`` in its own forward.
+_MODE_FREE = {nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+              nn.ReLU, nn.LeakyReLU, nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
+              nn.Dropout3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
+              nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+              nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.RNN}
+
+
 def module_fingerprint(model: nn.Module) -> tuple:
     """What a traced graph depends on besides the weights' values.
 
-    Module types and names, train/eval modes, hooks, instance-level ``forward`` overrides and
-    parameter shapes: if any of these changes, ``forward`` may compute something else and the
-    network is traced again.
+    Module types and names, train/eval modes (of layers whose mode can matter), hooks, instance-level
+    ``forward`` overrides and parameter shapes: if any of these changes, ``forward`` may compute
+    something else and the network is traced again.
     """
     modules = tuple(
-        (name, type(module), module.training, len(module._forward_hooks), len(module._forward_pre_hooks),
-         "forward" in module.__dict__)
+        (name, type(module), type(module) in _MODE_FREE or module.training, len(module._forward_hooks),
+         len(module._forward_pre_hooks), "forward" in module.__dict__)
         for name, module in model.named_modules()
     )
     shapes = tuple((name, tuple(param.shape), param.dtype) for name, param in model.named_parameters())
@@ -141,19 +151,17 @@ def export_program(model: nn.Module, input_shape: tuple[int, ...]) -> TracedProg
         raise
     except Exception as error:  # export raises many types; all mean "forward cannot be traced"
         hint, shape_related = _export_failure(error, input_shape)
-        raise TraceError([(f"{name}.forward", hint)], name, shape_related) from error
+        if shape_related:
+            raise InputShapeError(f"{name}.forward {hint}") from error
+        raise UnsupportedModelError([(f"{name}.forward", hint)], name) from error
     program = _program(exported, name)
     program.hooked = frozenset(path for path, module in model.named_modules()
                                if module._forward_hooks or module._forward_pre_hooks)
     return program
 
 
-class TraceError(UnsupportedModelError):
-    """``forward`` could not be traced; ``shape_related`` when it did not run on examples of the given shape."""
-
-    def __init__(self, problems: list[tuple[str, str]], model_name: str, shape_related: bool):
-        super().__init__(problems, model_name)
-        self.shape_related = shape_related
+class InputShapeError(PathGeometryError):
+    """``forward`` does not run on examples of the given input shape."""
 
 
 def _mutates(graph: torch.fx.Graph) -> bool:
@@ -243,13 +251,15 @@ def _export_failure(error: Exception, input_shape: tuple[int, ...]) -> tuple[str
     elif "specialized it to be a constant" in text or "Constraints violated" in text:
         hint = ("forward depends on the batch size (e.g. view(100, -1)); write view(x.shape[0], -1) or "
                 "flatten(1) so that it works for every batch size")
-    elif any(word in text for word in ("shape", "size", "mat1 and mat2", "dimension", "Expected")):
+    elif any(word in text for word in ("shape", "size", "mat1 and mat2", "dim", "Expected", "must match")):
         shape_related = True
-        hint = (f"forward does not run on examples of shape {tuple(input_shape)}; check input_shape (the shape "
+        hint = (f"does not run on examples of shape {tuple(input_shape)}; check input_shape (the shape "
                 "of one example, without the batch dimension)")
     else:
         hint = "torch.export cannot follow forward"
-    return f"could not be traced: {hint} ({text})", shape_related
+    if shape_related:
+        return f"{hint} ({text})", True
+    return f"could not be traced: {hint} ({text})", False
 
 
 def _program(exported: torch.export.ExportedProgram, name: str) -> TracedProgram:

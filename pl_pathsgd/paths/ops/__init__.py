@@ -3,7 +3,16 @@
 Importing this package registers every rule; :func:`rule_for` finds the rule of an ATen operation.
 """
 
-from pl_pathsgd.paths.ops import batchnorm, conv, elementwise, linear, pooling, structural, unsupported  # noqa: F401
+from pl_pathsgd.paths.ops import (  # noqa: F401  (importing registers the rules)
+    batchnorm,
+    conv,
+    elementwise,
+    linear,
+    pooling,
+    recurrent,
+    structural,
+    unsupported,
+)
 from pl_pathsgd.paths.ops.registry import (
     NONE,
     Blocked,

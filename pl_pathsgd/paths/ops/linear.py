@@ -56,7 +56,7 @@ class Linear(Rule):
 
     def check(self, call: Call) -> str | None:
         x, weight = call.args[0], call.args[1]
-        if call.kind_of(x) != Kind.ACT:
+        if call.kind_of(x) == Kind.PARAM:
             return "linear of weights only (the input must be the first argument)"
         if call.kind_of(weight) == Kind.ACT or call.kind_of(call.arg(2, "bias")) == Kind.ACT:
             return f"linear {_PRODUCT}"
@@ -65,11 +65,12 @@ class Linear(Rule):
     def plan(self, call: Call, uses) -> None:
         weight = call.args[1]
         name = parameter_name(weight, call)
-        if name and all(user.target is aten.linear.default and user.args[1] is weight and user.args[0] is not weight
-                        for user in weight.users):
+        if name and all(user.target is aten.linear.default and user.args[1] is weight
+                        and call.kinds[user.args[0]] in (Kind.ACT, Kind.CONST) for user in weight.users):
             call.actual_args = frozenset({1})
 
     def twin(self, call, run, x, weight, bias=None):
+        x = weight_twin(call, run, call.args[0], x)  # a constant input (e.g. a zero initial state) as |c|^p
         bias = weight_twin(call, run, call.arg(2, "bias"), bias)
         if 1 in call.actual_args and run.fast_linear:  # weight is the parameter itself: read it blockwise
             out = power_linear(x, weight, bias, run.p) if run.mode == "sum" else max_linear(x, weight, bias)

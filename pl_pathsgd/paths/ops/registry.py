@@ -86,6 +86,11 @@ class Call:
             return self.node.args[index]
         return self.node.kwargs.get(name, default) if name else default
 
+    def batch_dim(self, value: fx.Node) -> int | None:
+        """The dimension of an activation that holds the batch (its symbolic size), or None."""
+        shape = self.shape(value)
+        return next((i for i, size in enumerate(shape) if isinstance(size, torch.SymInt)), None)
+
     def shape(self, value: fx.Node | None = None) -> tuple:
         """The recorded shape of a node (the call's output by default), the batch dimension symbolic."""
         value = self.node if value is None else value
@@ -121,8 +126,9 @@ class Rule:
         return call.target(*args, **kwargs)
 
     # parametrized layers
-    def produces(self, call: Call) -> Producer | str | None:
-        """The units this call creates (its output units), a reason they cannot be rescaled, or None."""
+    def produces(self, call: Call) -> Producer | list[Producer] | str | None:
+        """The units this call creates (its output units; several groups for a multi-layer operation), a
+        reason they cannot be rescaled, or None."""
         return None
 
     def consumes(self, call: Call, *args, **kwargs) -> Consumer | str:
@@ -139,6 +145,12 @@ class Producer:
     axis: int  # output dimension of the units (negative: from the end)
     parameters: tuple[str, ...]  # placeholder names of the parameters it scales
     scale: Callable[[dict[str, Tensor], Tensor], None]  # (parameters by placeholder name, factors)
+    #: the layer's name for the user (default: its weight's name without ``.weight``)
+    name: str | None = None
+    #: unit ids on the operation's results, from their recorded values (default: along ``axis``)
+    place: Callable[[Any], Any] | None = None
+    #: the operation absorbs the units itself too (a recurrence), so no other layer needs to
+    absorbed_inside: bool = False
 
 
 @dataclass
@@ -165,6 +177,9 @@ class TwinRun:
         self.leaves: dict[str, Tensor] = {}
         #: placeholder name -> [(input twin, output twin)] of Linear calls that read the weight blockwise
         self.linear_calls: dict[str, list[tuple[Tensor, Tensor]]] = {}
+        #: when a list: (recurrent weight's placeholder, twin states h_0..h_T, |W_hh|^p) of every recurrent
+        #: layer, for the exact kappa^(2) (see :mod:`pl_pathsgd.paths.ops.recurrent`)
+        self.recurrences: list[tuple[str, list[Tensor], Tensor]] | None = None
 
     def param_twin(self, name: str, parameter: Tensor) -> Tensor:
         """The twin leaf of a parameter (|w|^p, or |w| for p = inf), one per parameter however often it is used."""

@@ -106,17 +106,19 @@ class Index(Rule):
     def check(self, call: Call) -> str | None:
         name = op_name(call.target)
         packet = call.target.overloadpacket
+        activation = call.kind_of(call.args[0]) == Kind.ACT
+        batch = call.batch_dim(call.args[0]) if activation else None
         if packet is aten.index_select:
             dim, index = call.args[1], call.args[2]
             if call.kind_of(index) > Kind.CONST:
                 return f"{name} selects with indices computed from weights or activations"
-            if call.kind_of(call.args[0]) == Kind.ACT and dim in (0, -len(call.shape(call.args[0]))):
+            if activation and dim % len(call.shape(call.args[0])) == batch:
                 return f"{name} along the batch dimension mixes the examples of a batch"
             return None
         indices = call.args[1]
         if any(call.kind_of(i) > Kind.CONST for i in indices if i is not None):
             return f"{name} indexes with indices computed from weights or activations"
-        if call.kind_of(call.args[0]) == Kind.ACT and indices and indices[0] is not None:
+        if activation and batch is not None and len(indices) > batch and indices[batch] is not None:
             return f"{name} indexes the batch dimension, which mixes the examples of a batch"
         if packet is aten.index_put and (call.arg(3, "accumulate", False)):
             return f"{name} with accumulate=True is not supported; add the parts explicitly"
@@ -147,7 +149,8 @@ class Reorder(Structural):
         dims = call.arg(1, "dims") if call.target.overloadpacket is aten.flip else call.arg(2, "dims")
         dims = [dims] if isinstance(dims, int) else list(dims or [])
         rank = len(call.shape(call.args[0]))
-        if call.kind_of(call.args[0]) == Kind.ACT and (not dims or any(d % rank == 0 for d in dims)):
+        batch = call.batch_dim(call.args[0]) if call.kind_of(call.args[0]) == Kind.ACT else None
+        if batch is not None and (not dims or any(d % rank == batch for d in dims)):
             return f"{op_name(call.target)} along the batch dimension mixes the examples of a batch"
         return None
 
