@@ -120,9 +120,9 @@ class TensorCache:
 
     def load(self) -> dict[str, Tensor] | None:
         """The cached tensors, or ``None`` (with a warning if a file exists but cannot be used)."""
-        if not self.path.is_file():
-            return None
         try:
+            if not self.path.is_file():
+                return None
             payload = torch.load(self.path, map_location="cpu", weights_only=True)
         except PermissionError:
             self._warn(
