@@ -124,6 +124,29 @@ def test_ddp_ranks_agree_on_the_split_and_order(tmp_path):
         assert any(torch.equal(rank["first"], batch) for batch in batches)
 
 
+class RecordBatches(pl.Callback):
+    def __init__(self) -> None:
+        self.labels: dict[int, list[torch.Tensor]] = {}
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.labels.setdefault(trainer.current_epoch, []).append(batch[1].clone())
+
+
+def test_resumed_run_sees_the_same_order_as_an_uninterrupted_one(tmp_path):
+    straight = RecordBatches()
+    trainer(tmp_path, max_epochs=2, callbacks=[straight]).fit(Tiny(), datamodule=DigitsDataModule(batch_size=50, seed=5))
+    first = trainer(tmp_path, max_epochs=1)
+    first.fit(Tiny(), datamodule=DigitsDataModule(batch_size=50, seed=5))
+    first.save_checkpoint(tmp_path / "epoch1.ckpt")
+    resumed = RecordBatches()
+    trainer(tmp_path, max_epochs=2, callbacks=[resumed]).fit(
+        Tiny(), datamodule=DigitsDataModule(batch_size=50, seed=5), ckpt_path=tmp_path / "epoch1.ckpt")
+    assert list(resumed.labels) == [1]
+    assert not torch.equal(straight.labels[0][0], straight.labels[1][0])  # a new order in epoch 1 ...
+    for a, b in zip(straight.labels[1], resumed.labels[1], strict=True):  # ... and the same one after resuming
+        assert torch.equal(a, b)
+
+
 def test_resuming_with_another_seed_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("PL_GLOBAL_SEED", "1")
     first = trainer(tmp_path)

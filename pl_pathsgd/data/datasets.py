@@ -56,7 +56,8 @@ class _EpochOrder:
 
     Lightning calls :meth:`set_epoch` before every epoch, so a run resumed from a checkpoint sees
     exactly the orders an uninterrupted run would; outside Lightning each new iteration moves on to
-    the next epoch's order.
+    the next epoch's order. The order is drawn when the first index is taken, not when the iterator
+    is created: a resuming Lightning creates the iterator before it sets the epoch.
     """
 
     def __init__(self, size: int, seed: int | None) -> None:
@@ -87,7 +88,7 @@ class EpochShuffleSampler(_EpochOrder, Sampler[int]):
         return self.size
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self._next_order().tolist())
+        yield from self._next_order().tolist()
 
 
 class EpochBatchSampler(_EpochOrder, Sampler[Sequence[int]]):
@@ -104,4 +105,5 @@ class EpochBatchSampler(_EpochOrder, Sampler[Sequence[int]]):
 
     def __iter__(self) -> Iterator[np.ndarray]:
         order = self._next_order().numpy()
-        return (order[start : start + self.batch_size] for start in range(0, self.size, self.batch_size))
+        for start in range(0, self.size, self.batch_size):
+            yield order[start : start + self.batch_size]
