@@ -147,7 +147,7 @@ def test_resumed_run_sees_the_same_order_as_an_uninterrupted_one(tmp_path):
         assert torch.equal(a, b)
 
 
-def test_resuming_with_another_seed_is_refused(tmp_path, monkeypatch):
+def test_resuming_or_validating_with_another_seed_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("PL_GLOBAL_SEED", "1")
     first = trainer(tmp_path)
     first.fit(Tiny(), datamodule=DigitsDataModule(batch_size=50))
@@ -157,6 +157,9 @@ def test_resuming_with_another_seed_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("PL_GLOBAL_SEED", "2")
     with pytest.raises(InvalidDataConfigError, match="trained with data seed 1 but this run uses 2"):
         trainer(tmp_path, max_epochs=2).fit(Tiny(), datamodule=DigitsDataModule(batch_size=50), ckpt_path=checkpoint)
+    with pytest.raises(InvalidDataConfigError, match="trained with data seed 1 but this run uses 2"):
+        trainer(tmp_path).validate(Tiny(), datamodule=DigitsDataModule(batch_size=50), ckpt_path=checkpoint)
+    trainer(tmp_path).test(Tiny(), datamodule=DigitsDataModule(batch_size=50), ckpt_path=checkpoint)  # no split
     monkeypatch.setenv("PL_GLOBAL_SEED", "1")
     resumed = trainer(tmp_path, max_epochs=2)
     resumed.fit(Tiny(), datamodule=DigitsDataModule(batch_size=50), ckpt_path=checkpoint)

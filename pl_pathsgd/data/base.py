@@ -10,8 +10,8 @@ them:
   reads; 0 if no global seed was set); an int pins the data's randomness independently of it.
 * Under distributed training every rank uses rank 0's seed, so all ranks agree on the split and the
   order even if the global seeds differ.
-* The seed is saved in checkpoints; resuming with another seed is an error, since it would change
-  the validation split in the middle of training.
+* The seed is saved in checkpoints; resuming (or validating) with another seed is an error, since it
+  would change the validation split.
 """
 
 import os
@@ -88,8 +88,15 @@ class BaseDataModule(pl.LightningDataModule, ABC):
         return {"seed": self.resolved_seed} if self.resolved_seed is not None else {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Refuse to resume with a different seed (Lightning calls this after :meth:`setup`)."""
+        """Refuse to fit or validate from a checkpoint made with another seed (another validation split).
+
+        Lightning calls this after :meth:`setup`. Testing and predicting do not depend on the split
+        and accept any seed.
+        """
         saved = state_dict.get("seed")
+        stage = getattr(getattr(self.trainer, "state", None), "fn", None)
+        if getattr(stage, "value", stage) in ("test", "predict"):
+            return
         if saved is not None and self.resolved_seed is not None and saved != self.resolved_seed:
             how = "seed" if self.seed is not None else "seed_everything"
             raise InvalidDataConfigError(

@@ -22,12 +22,13 @@ __all__ = ["EpochBatchSampler", "EpochShuffleSampler", "InMemoryDataset", "epoch
 class InMemoryDataset(TensorDataset):
     """A :class:`~torch.utils.data.TensorDataset` that gathers whole batches at once.
 
-    ``dataset[i]`` for an int ``i`` is the tuple of the ``i``-th rows; ``dataset[indices]`` for a
-    sequence or array of ints is the tuple of the gathered rows, each of length ``len(indices)``.
+    ``dataset[i]`` for an int ``i`` is the tuple of the ``i``-th rows (a slice gives the rows of the
+    slice); ``dataset[indices]`` for a sequence or array of ints is the tuple of the gathered rows,
+    each of length ``len(indices)``.
     """
 
     def __getitem__(self, index):
-        if isinstance(index, (int, np.integer)) or (isinstance(index, Tensor) and index.dim() == 0):
+        if isinstance(index, (int, np.integer, slice)) or (isinstance(index, Tensor) and index.dim() == 0):
             return tuple(tensor[index] for tensor in self.tensors)
         rows = np.asarray(index, dtype=np.int64)
         return tuple(_gather_rows(tensor, rows) for tensor in self.tensors)
