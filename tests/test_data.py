@@ -590,6 +590,68 @@ def test_mnist_download_from_unreachable_host(tmp_path):
     assert not list(tmp_path.rglob("*.gz*"))  # no partial file left
 
 
+@pytest.fixture
+def file_server(tmp_path):
+    """A local HTTP server for the files in ``tmp_path / "served"``; yields (folder, base URL)."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    folder = tmp_path / "served"
+    folder.mkdir()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield folder, f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+    server.server_close()
+
+
+def test_mnist_download_from_a_mirror(tmp_path, file_server):
+    folder, url = file_server
+    data = make_mnist(folder, gz=True)
+    for path in (folder / "MNIST" / "raw").iterdir():
+        path.rename(folder / path.name)  # served at the mirror's top level, like the real mirrors
+    target = tmp_path / "data"
+    # the files served are not MNIST's official ones: refused by their md5 sums, nothing left behind
+    with pytest.raises(DatasetDownloadError, match="does not match the official md5 sum f68b3c2dcbeaaa9fbdd348bbdeb94873"):
+        MNISTDataModule(data_dir=str(target), download=True, mirror=url).prepare_data()
+    assert not list(target.rglob("*.gz*"))
+    dm = ready(mnist(target, download=True, mirror=url))  # custom_data=True: no md5 sums
+    assert torch.equal(dm.test_dataset.tensors[1], torch.from_numpy(data["t10k-labels-idx1-ubyte"]).long())
+    assert sorted(p.name for p in (target / "MNIST" / "raw").iterdir()) == sorted(
+        f"{name}.gz" for name in data)
+
+
+def test_cifar_download_and_unpack_from_a_mirror(tmp_path, file_server):
+    import tarfile
+
+    folder, url = file_server
+    batches = make_cifar(tmp_path / "made")
+    with tarfile.open(folder / "cifar-10-python.tar.gz", "w:gz") as archive:
+        archive.add(tmp_path / "made" / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    dm = ready(cifar(CIFAR10DataModule, tmp_path / "data", download=True, mirror=url))
+    assert dm.test_dataset.tensors[1].tolist() == batches["test_batch"]["labels"]
+
+
+def test_mnist_mixes_gz_and_unpacked_files(tmp_path):
+    data = make_mnist(tmp_path)
+    raw = tmp_path / "MNIST" / "raw"
+    for name in ("train-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        write_idx(raw / name, data[name], gz=True)
+        (raw / name).unlink()
+    dm = ready(mnist(tmp_path, normalize=False, flatten=False))
+    assert torch.equal(dm.test_dataset.tensors[1], torch.from_numpy(data["t10k-labels-idx1-ubyte"]).long())
+    expected = torch.from_numpy(data["train-images-idx3-ubyte"])[dm.train_indices].float() / 255
+    torch.testing.assert_close(dm.train_dataset.tensors[0][:, 0], expected)
+    assert set(dm.source_digests) == {f"MNIST/raw/{n}" for n in (
+        "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte.gz")}
+
+
 @pytest.mark.parametrize(
     "damage, fragment",
     [
