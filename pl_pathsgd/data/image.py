@@ -59,8 +59,6 @@ class ImageDataModule(BaseDataModule):
     num_classes: ClassVar[int]
     #: Shape ``(C, H, W)`` of one image as stored in the source.
     native_shape: ClassVar[tuple[int, int, int]]
-    #: Size of the training set the validation examples are carved from, if known in advance.
-    train_size: ClassVar[int | None] = None
     #: Pixel value mapped to 1.0.
     pixel_scale: ClassVar[float] = 255.0
 
@@ -116,8 +114,8 @@ class ImageDataModule(BaseDataModule):
             )
 
     def available_train_size(self) -> int | None:
-        """Examples the validation set is carved from, if known before loading."""
-        return self.train_size
+        """Examples the validation set is carved from, if known before loading (else checked in setup)."""
+        return None
 
     # ------------------------------------------------------------------ shapes, known before loading
 
