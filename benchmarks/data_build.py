@@ -7,10 +7,13 @@ and times
 
 * ``prepare_data() + setup()`` with no cache (reads the IDX files through
   torchvision, downsamples, writes the cache),
-* the same with the cache present (a fresh DataModule instance),
+* the same with the cache present (a fresh DataModule instance; this
+  includes fingerprinting the source files, timed on its own too),
 * one epoch over the training dataloader (batch size 100), with nothing
-  done per batch, and the same epoch over a plain ``TensorDataset`` with
-  the default per-example collation for comparison,
+  done per batch, and the same epoch over a plain ``DataLoader`` on the
+  same dataset with the default per-example collation for comparison,
+* generating the addition problem's default splits (120,000 sequences of
+  length 100),
 * optionally (``--per-image``) the classic per-image pipeline, torchvision's
   ``MNIST`` with a ``ToTensor + Resize`` transform, on a slice of the data,
   extrapolated to one epoch.
@@ -32,9 +35,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
-from pl_pathsgd.data import MNISTDataModule
+from pl_pathsgd.data import AdditionDataModule, MNISTDataModule
+from pl_pathsgd.data.cache import file_digest
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
@@ -78,13 +82,23 @@ def main() -> None:
     if hasattr(os, "getloadavg"):
         print("load average before the run (other processes compete for the cores): "
               + ", ".join(f"{v:.2f}" for v in os.getloadavg()))
+    def addition():
+        dm = AdditionDataModule(100, seed=0)
+        dm.setup()
+        return dm
+
+    seconds, generated = timed(addition)
+    size_mb = sum(t.numel() * t.element_size() for ds in (generated.train_dataset, generated.val_dataset,
+                                                         generated.test_dataset) for t in ds.tensors) / 2**20
+    print(f"addition problem, 120,000 sequences of length 100 ({size_mb:.0f} MiB): generated in {seconds:.2f} s")
+
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         seconds, _ = timed(lambda: write_synthetic_mnist(root))
         print(f"wrote synthetic MNIST IDX files (60,000 + 10,000 images) in {seconds:.2f} s")
 
         def build():
-            dm = MNISTDataModule(data_dir=tmp, downsample=downsample)
+            dm = MNISTDataModule(data_dir=tmp, downsample=downsample, seed=0)
             dm.prepare_data()
             dm.setup("fit")
             return dm
@@ -95,18 +109,21 @@ def main() -> None:
               f"{len(dm.train_dataset)}/{len(dm.val_dataset)}/{len(dm.test_dataset)}, cache {size_mb:.1f} MiB")
         print(f"cold prepare_data()+setup() (read IDX, preprocess, write cache): {cold:.3f} s")
         warm = [timed(build)[0] for _ in range(args.repeats)]
-        print(f"warm prepare_data()+setup() (load + check cache, split, normalise): "
+        print(f"warm prepare_data()+setup() (fingerprint sources, load + check cache, split, normalise): "
               f"{min(warm):.3f} s (best of {args.repeats}; all: {', '.join(f'{w:.3f}' for w in warm)})")
+        sources = sorted((root / "MNIST" / "raw").iterdir())
+        hashing = [timed(lambda: [file_digest(p) for p in sources])[0] for _ in range(args.repeats)]
+        print(f"  of which fingerprinting the {sum(p.stat().st_size for p in sources) / 2**20:.0f} MiB of source "
+              f"files: {min(hashing) * 1000:.1f} ms (best of {args.repeats})")
 
         loader = dm.train_dataloader()
         times = [timed(lambda: epoch(loader))[0] for _ in range(args.repeats)]
         print(f"one epoch over train_dataloader() (batch 100, {len(loader)} batches): "
               f"{min(times) * 1000:.1f} ms (best of {args.repeats})")
 
-        x, y = dm.train_dataset.tensors
-        plain = DataLoader(TensorDataset(x, y), batch_size=100, shuffle=True)
+        plain = DataLoader(dm.train_dataset, batch_size=100, shuffle=True)
         times = [timed(lambda: epoch(plain))[0] for _ in range(args.repeats)]
-        print(f"same epoch with a plain TensorDataset and per-example collation: "
+        print(f"same epoch with a plain DataLoader (per-example fetching and collation): "
               f"{min(times) * 1000:.1f} ms (best of {args.repeats})")
 
         if args.per_image:
