@@ -11,9 +11,10 @@ from torch.optim import Optimizer
 
 from pl_pathsgd.paths.errors import PathGeometryError
 from pl_pathsgd.paths.fast_linear import row_block, scratch
-from pl_pathsgd.paths.geometry import StepGeometry, step_divisors
+from pl_pathsgd.paths.chain import fused_chain_step
+from pl_pathsgd.paths.geometry import FUSED_MARGIN, StepGeometry, gammas_in_range, step_divisors, working_dtype
 from pl_pathsgd.paths.graph import PathGraph, trace
-from pl_pathsgd.paths.norms import RECURRENT_MODES, DenseScaling, OuterScaling, Scaling, check_p
+from pl_pathsgd.paths.norms import RECURRENT_MODES, DenseScaling, OuterScaling, Scaling, check_p, program_chain
 
 # torch's fused SGD kernel (what ``torch.optim.SGD(fused=True)`` runs): the momentum update of a
 # block in one pass over parameter, gradient and buffer.  Eager ops do the same where it is missing.
@@ -125,6 +126,10 @@ class PathSGD(Optimizer):
         self.last_geometry_dtype: torch.dtype | None = None
         #: number of steps whose geometry had to be recomputed in float64
         self.geometry_fallbacks = 0
+        #: for an MLP, compute the geometry in the passes that update the weights (see ``paths.chain``); False
+        #: computes all divisors first, then updates (the same numbers)
+        self.fuse = True
+        self._comfortable = False  # the first step computes its geometry on its own, and checks its range
         if model is not None:
             self.bind(model, input_shape)
 
@@ -203,11 +208,12 @@ class PathSGD(Optimizer):
         if self.graph is None:
             raise RuntimeError("PathSGD is not bound to a network: pass model=<the network> when building it, or call "
                                "optimizer.bind(network) before the first step (PathSGDMixin does this for you)")
+        done = self._fused_chain_step()
         geometries: dict[tuple, StepGeometry] = {}
         for group in self.param_groups:
             by_dtype: dict[torch.dtype, list[Tensor]] = {}
             for param in group["params"]:
-                if param.grad is None:
+                if param.grad is None or id(param) in done:
                     continue
                 if param.grad.is_sparse:
                     raise RuntimeError("PathSGD does not support sparse gradients")
@@ -219,10 +225,68 @@ class PathSGD(Optimizer):
                 geometries[key] = step_divisors(self.graph, *key)
                 self.geometry_fallbacks += geometries[key].fell_back
                 self.last_geometry_dtype = geometries[key].dtype
+                self._comfortable = geometries[key].comfortable
             scalings = geometries[key].scalings
             for dtype, params in by_dtype.items():
                 self._update(params, [scalings[self._names[id(param)]] for param in params], group, dtype)
         return loss
+
+    def _fused_chain_step(self) -> set[int]:
+        """For an MLP, the whole step with the geometry computed in the passes that update the weights
+        (:func:`~pl_pathsgd.paths.chain.fused_chain_step`); the ids of the parameters it updated (none if the
+        network is not a chain, or the chain's parameters do not share one geometry and one float dtype)."""
+        program = self.graph.program()
+        chain = program_chain(program)
+        if chain is None or not self.fuse or not self._comfortable:
+            return set()
+        parameters = self.graph.parameters(program)
+        layers = [(parameters[w], None if b is None else parameters[b]) for w, b in chain]
+        groups = {id(p): g for g in self.param_groups for p in g["params"]}
+        chosen = [t for layer in layers for t in layer if t is not None and id(t) in groups and t.grad is not None]
+        if not chosen or any(t.grad.is_sparse for t in chosen):
+            return set()
+        keys = {_geometry_key(groups[id(t)]) for t in chosen}
+        grad_dtypes = {t.grad.dtype for t in chosen}
+        if len(keys) != 1 or len(grad_dtypes) != 1 or next(iter(grad_dtypes)) in _LOW_PRECISION:
+            return set()
+        (p, dtype, _), grad_dtype = next(iter(keys)), next(iter(grad_dtypes))
+        geometry_dtype = dtype or working_dtype(t for layer in layers for t in layer if t is not None)
+        margins = []  # whether every gamma of this step stays far inside the range, for the next step's choice
+
+        def checked(vectors: list[Tensor]) -> bool:
+            margins.append(gammas_in_range(vectors, geometry_dtype, p, FUSED_MARGIN))
+            return gammas_in_range(vectors, geometry_dtype, p)
+
+        unchecked = dtype is not None or geometry_dtype == torch.float64
+        ids = {id(t) for t in chosen}
+        per_layer: dict[int, tuple] = {}
+
+        def update(j: int, out_factor: Tensor, in_factor: Tensor, rows: tuple[int, int] | None) -> None:
+            weight = layers[j][0]
+            if id(weight) not in ids:
+                return
+            group = groups[id(weight)]
+            if j not in per_layer:  # once per layer and step: the inverses, the buffer, whether it is new
+                floor = torch.finfo(grad_dtype).tiny if group["eps"] is None else group["eps"]
+                inv_out, inv_in = torch._foreach_reciprocal(torch._foreach_clamp_min(
+                    [out_factor.to(grad_dtype), in_factor.to(grad_dtype)], floor))
+                per_layer[j] = (inv_out, inv_in, *self._buffer(weight, group))
+            inv_out, inv_in, buffer, first = per_layer[j]
+            self._outer_update(weight, inv_out, inv_in, group, grad_dtype, rows, (buffer, first))
+
+        def update_biases(factors: list[Tensor | None]) -> None:
+            for (_, bias), factor in zip(layers, factors):
+                if bias is not None and id(bias) in ids:
+                    group = groups[id(bias)]
+                    floor = torch.finfo(grad_dtype).tiny if group["eps"] is None else group["eps"]
+                    self._dense_update([bias], [factor.to(grad_dtype).clamp_min(floor)], group, grad_dtype)
+
+        if not fused_chain_step(layers, p, geometry_dtype, update, update_biases, None if unchecked else checked):
+            self._comfortable = False
+            return set()  # a factor out of range before any update: the general route, with its float64 fallback
+        self._comfortable = all(margins)
+        self.last_geometry_dtype = geometry_dtype
+        return ids
 
     def _update(self, params: list[Tensor], scalings: list[Scaling], group: dict, grad_dtype: torch.dtype) -> None:
         """One group's parameters whose gradients have ``grad_dtype``; the small vector work is batched."""
@@ -271,8 +335,10 @@ class PathSGD(Optimizer):
                 self._momentum([params[i] for i in chosen], [directions[i] for i in chosen],
                                [buffers[i][0] for i in chosen], group, first)
 
-    def _outer_update(self, param: Tensor, inv_out: Tensor, inv_in: Tensor, group: dict, dtype: torch.dtype) -> None:
-        """The update of a weight with divisor out (x) in, fused, one block of rows at a time.
+    def _outer_update(self, param: Tensor, inv_out: Tensor, inv_in: Tensor, group: dict, dtype: torch.dtype,
+                      only: tuple[int, int] | None = None, buffer_state: tuple | None = None) -> None:
+        """The update of a weight with divisor out (x) in, fused, one block of rows at a time (all rows, or the
+        rows ``only`` with the step's ``buffer_state`` = (buffer, first) when the caller goes block by block).
 
         Same arithmetic as the dense path: d = (grad + wd * w) * (1/in)[None, :] * (1/out)[:, None]
         (two broadcasts in sequence: a zero gradient stays zero even where both factors are tiny),
@@ -281,12 +347,13 @@ class PathSGD(Optimizer):
         """
         grad = param.grad
         lr, weight_decay = group["lr"], group["weight_decay"]
-        buffer, first = self._buffer(param, group)
+        buffer, first = self._buffer(param, group) if buffer_state is None else buffer_state
         total_rows, columns = param.shape
-        rows = row_block(columns, dtype)
-        work = scratch(min(rows, total_rows) * columns, dtype, grad.device)
-        for start in range(0, total_rows, rows):
-            stop = min(start + rows, total_rows)
+        begin, end = only if only is not None else (0, total_rows)
+        rows = row_block(columns, dtype) if only is None else end - begin
+        work = scratch(min(rows, end - begin) * columns, dtype, grad.device)
+        for start in range(begin, end, rows):
+            stop = min(start + rows, end)
             d = work[: (stop - start) * columns].view(stop - start, columns)
             g, w, inv_out_block = grad[start:stop], param[start:stop], inv_out[start:stop, None]
             if weight_decay:

@@ -585,6 +585,15 @@ def test_error_monitor_slices_in_memory_tensors_and_reads_other_data_in_large_ba
     assert [len(b[0]) for b in reader.batches()] == [50, 14]
     assert torch.equal(torch.cat([b[0] for b in reader.batches()]), 2 * data.tensors[0])
 
+    # the package's DataModules: batch_size=None, a sampler of index batches, the dataset gathers: sliced too
+    from pl_pathsgd.data.datasets import EpochBatchSampler, InMemoryDataset
+
+    in_memory = InMemoryDataset(*data.tensors)
+    module_loader = DataLoader(in_memory, batch_size=None, sampler=EpochBatchSampler(len(in_memory), 8, 3))
+    sliced = whole_dataset_reader(module_loader, batch_size=50)
+    assert isinstance(sliced, TensorSlices)
+    assert torch.equal(torch.cat([b[0] for b in sliced.batches()]), data.tensors[0])
+
     # under DDP each rank reads every world-size-th example
     shares = [torch.cat([b[1] for b in whole_dataset_reader(DataLoader(data), 10, rank, 3).batches()])
               for rank in range(3)]

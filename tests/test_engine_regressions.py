@@ -321,20 +321,25 @@ def test_the_general_route_evaluates_the_twin_once_per_step_at_batch_size_one(mo
 
 
 def test_the_mlp_route_reads_vectors_only(monkeypatch):
-    from pl_pathsgd.paths import norms
+    from pl_pathsgd.paths import chain
 
     torch.manual_seed(11)
     net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)).double()
     optimizer = P.PathSGD(net.parameters(), lr=0.01, model=net)
-    vectors = []
-    products = norms.power_products
+    sweeps = []
+    original = chain._Sweeps.__init__
 
-    def recording(weight, p, dtype, vector=None, covector=None, shift=None):
-        vectors.extend(v.shape for v in (vector, covector) if v is not None)
-        return products(weight, p, dtype, vector, covector, shift)
+    def recording(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        sweeps.append(self)
 
-    monkeypatch.setattr(norms, "power_products", recording)
+    monkeypatch.setattr(chain._Sweeps, "__init__", recording)
     monkeypatch.setattr(graph_module.PathGraph, "evaluate", lambda *a, **k: pytest.fail("no twin pass for an MLP"))
-    F.cross_entropy(net(torch.randn(300, 6, dtype=DTYPE)), torch.zeros(300, dtype=torch.long)).backward()
-    optimizer.step()
-    assert vectors and all(len(shape) == 1 for shape in vectors)
+    for batch in (300, 7):  # the first step computes the geometry, the second fuses it with the update
+        optimizer.zero_grad()
+        F.cross_entropy(net(torch.randn(batch, 6, dtype=DTYPE)), torch.zeros(batch, dtype=torch.long)).backward()
+        optimizer.step()
+    assert len(sweeps) == 2
+    for sweep in sweeps:
+        assert [tuple(v.shape) for v in sweep.v] == [(6,), (8,), (8,)]
+        assert [tuple(g.shape) for g in sweep.g] == [(8,), (8,), (3,)]

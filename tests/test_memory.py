@@ -416,3 +416,53 @@ def test_max_path_norm_is_blockwise_and_allocates_nothing_of_a_weights_size(tiny
     weight_bytes = model[2].weight.numel() * model[2].weight.element_size()
     sizes = allocation_sizes(lambda: P.paths.norms.path_norm_of(graph, math.inf))
     assert max(sizes, default=0) < weight_bytes // 16
+
+
+# ------------------------------------------------------------------------------------ the step fused with the geometry
+
+
+@pytest.mark.parametrize("widths", [[5, 9, 9, 3], [12, 4, 3], [3, 4, 12], [4, 6, 5, 7, 3]], ids=str)
+@pytest.mark.parametrize("settings", UPDATE_SETTINGS, ids=lambda s: "+".join(s) or "plain")
+@pytest.mark.parametrize("p", [1, 2, 3])
+def test_the_fused_step_equals_geometry_then_update(widths, settings, p, tiny_blocks):
+    """The fused route (the geometry computed in the passes that update the weights, whichever layer is the
+    largest) gives bit for bit what computing every divisor first and then updating gives."""
+    model = random_net(widths, seed=len(widths) + p)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.mul_(0.5)
+    generator = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(6, widths[0], generator=generator, dtype=torch.float64),
+                torch.randint(widths[-1], (6,), generator=generator)) for _ in range(4)]
+    runs = []
+    for fuse in (True, False):
+        net = copy.deepcopy(model)
+        optimizer = P.PathSGD(net.parameters(), lr=0.05, p=p, model=net, **settings)
+        optimizer.fuse = fuse
+        fused_steps = 0
+        for x, y in batches:
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(net(x), y).backward()
+            fused_steps += optimizer._comfortable and fuse
+            optimizer.step()
+        runs.append(net)
+        if fuse:
+            assert fused_steps == 3  # every step after the first
+    for a, b in zip(*(run.parameters() for run in runs)):
+        assert torch.equal(a, b)
+
+
+def test_the_fused_step_keeps_allocating_nothing_of_a_weights_size():
+    model, shape = wide_mlp()
+    optimizer = P.PathSGD(model.parameters(), lr=1e-3, momentum=0.9, model=model)
+    x, y = torch.randn(8, *shape), torch.randint(10, (8,))
+    for _ in range(2):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    assert optimizer._comfortable  # the next step is fused
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    sizes = allocation_sizes(optimizer.step)
+    weight_bytes = model[2].weight.numel() * 4
+    assert max(sizes, default=0) < weight_bytes // 16 and sum(sizes) < weight_bytes // 4

@@ -147,12 +147,13 @@ def _sampled_rows(loader: DataLoader) -> list[int] | None:
 def _slicing_container(loader: DataLoader) -> type | None:
     """``list`` or ``tuple`` when the loader's batches are its TensorDataset's rows stacked, else ``None``.
 
-    Checked on the first two examples: the dataset's own fetch (``__getitems__`` or ``__getitem__``) and the
+    Checked on the first two examples: the dataset's own fetch (``__getitems__``, ``__getitem__``, or
+    ``dataset[indices]`` for a loader with ``batch_size=None`` whose sampler yields lists of indices) and the
     loader's ``collate_fn`` must give exactly the sliced tensors, so a dataset that transforms its examples
     or a collate_fn that reshapes the batch is read through the DataLoader instead.
     """
     dataset = loader.dataset
-    if not isinstance(dataset, TensorDataset) or loader.batch_sampler is None or not dataset.tensors:
+    if not isinstance(dataset, TensorDataset) or not dataset.tensors:
         return None
     count = min(2, len(dataset))
     if count == 0:
@@ -160,7 +161,12 @@ def _slicing_container(loader: DataLoader) -> type | None:
     indices = list(range(count))
     with preserved_rng():
         try:
-            fetched = dataset.__getitems__(indices) if hasattr(dataset, "__getitems__") else [dataset[i] for i in indices]
+            if loader.batch_sampler is None:  # batch_size=None: the sampler yields index lists, the dataset gathers
+                fetched = dataset[indices]
+            elif hasattr(dataset, "__getitems__"):
+                fetched = dataset.__getitems__(indices)
+            else:
+                fetched = [dataset[i] for i in indices]
             collated = loader.collate_fn(fetched)
         except Exception:  # whatever goes wrong shows up, with its own message, when the loader is read
             return None

@@ -33,6 +33,8 @@ class StepGeometry:
     scalings: dict[str, Scaling]
     dtype: torch.dtype
     fell_back: bool = False
+    #: every factor far inside the normal range (see :data:`FUSED_MARGIN`)
+    comfortable: bool = False
 
 
 def working_dtype(parameters) -> torch.dtype:
@@ -50,15 +52,16 @@ def step_divisors(graph: PathGraph, p: float, dtype: torch.dtype | None = None,
     network's parameters with a float64 fallback when the result leaves the normal range.  ``recurrent``:
     see :func:`~pl_pathsgd.paths.norms.scaling_of`."""
     if dtype is not None:
-        return StepGeometry(scaling_of(graph, p, dtype, recurrent=recurrent), dtype)
+        return StepGeometry(scaling_of(graph, p, dtype, recurrent=recurrent), dtype, comfortable=True)
     dtype = working_dtype(graph.model.parameters())
     scalings = scaling_of(graph, p, dtype, recurrent=recurrent)
     if dtype != torch.float64 and not in_normal_range(scalings, dtype, p):
         return StepGeometry(scaling_of(graph, p, torch.float64, recurrent=recurrent), torch.float64, fell_back=True)
-    return StepGeometry(scalings, dtype)
+    comfortable = dtype == torch.float64 or in_normal_range(scalings, dtype, p, FUSED_MARGIN)
+    return StepGeometry(scalings, dtype, comfortable=comfortable)
 
 
-def in_normal_range(scalings: dict[str, Scaling], dtype: torch.dtype, p: float) -> bool:
+def in_normal_range(scalings: dict[str, Scaling], dtype: torch.dtype, p: float, margin: float = 1.0) -> bool:
     """Whether every factor is finite and its gamma comfortably above the underflow range of ``dtype``.
 
     A factor is gamma^(2/p), gamma a sum over paths of products of |w|^p.  If some gamma is below
@@ -67,7 +70,8 @@ def in_normal_range(scalings: dict[str, Scaling], dtype: torch.dtype, p: float) 
     an infinite or NaN factor is overflow.
     """
     info = torch.finfo(dtype)
-    lowest = max(info.tiny, (info.tiny / info.eps) ** (2.0 / p))
+    lowest = max(info.tiny, (info.tiny / info.eps * margin) ** (2.0 / p))
+    highest = info.max / margin ** (2.0 / p)
     small: list[Tensor] = []
     bounds: list[Tensor] = []
     for scaling in scalings.values():
@@ -83,4 +87,21 @@ def in_normal_range(scalings: dict[str, Scaling], dtype: torch.dtype, p: float) 
         return True
     low, high = torch.stack(bounds).T
     low, high = float(low.min()), float(high.max())
-    return low >= lowest and high <= info.max  # False for NaN
+    return low >= lowest and high <= highest  # False for NaN
+
+
+#: How far inside the normal range the last step's gammas must be for the next step to compute its geometry in
+#: the passes that update the weights (where a factor cannot be recomputed in float64 once some layers are updated)
+FUSED_MARGIN = 2.0**32
+
+
+def gammas_in_range(gammas: list[Tensor], dtype: torch.dtype, p: float, margin: float = 1.0) -> bool:
+    """The check of :func:`in_normal_range` on gammas (sums over paths) rather than on their powers."""
+    info = torch.finfo(dtype)
+    lowest = info.tiny / info.eps * margin
+    vectors = [g.reshape(-1) for g in gammas if g.numel()]
+    if not vectors:
+        return True
+    low, high = torch.aminmax(torch.cat(vectors))
+    low, high = float(low), float(high)
+    return low >= lowest and (high * margin) ** (2.0 / p) <= info.max if high == high else False

@@ -11,7 +11,7 @@ Both come from one evaluation of the path twin (batch size 1): its summed output
 its gradient with respect to |w_e|^p is gamma_in(u) * gamma_out(v).  The twin of a Linear layer
 never builds |W|^p (see :mod:`pl_pathsgd.paths.fast_linear`), and for an MLP — a chain of Linear
 layers and ReLU-like activations — :func:`scaling_of` needs no autograd at all: gamma_in and
-gamma_out are one forward and one backward sweep of matrix-vector products (:func:`_chain_scaling`).
+gamma_out are one forward and one backward sweep of matrix-vector products (:mod:`pl_pathsgd.paths.chain`).
 
 Shared weights (a convolution kernel used at every position, a layer called twice) receive the
 *sum* of gamma_in(u) * gamma_out(v) over all the edges they stand for, before the power 2/p: the
@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from pl_pathsgd.paths.errors import PathGeometryError
-from pl_pathsgd.paths.fast_linear import power_products, power_sums
+from pl_pathsgd.paths.chain import chain_scaling
 from pl_pathsgd.paths.graph import PathGraph, Program, trace
 from pl_pathsgd.paths.ops import Kind, TwinRun
 from pl_pathsgd.paths.ops.elementwise import Copy, PositivelyHomogeneous
@@ -122,7 +122,7 @@ def scaling_of(graph: PathGraph, p: float = 2, dtype: torch.dtype = torch.float6
     as :class:`OuterScaling` (never materialised); everything else as :class:`DenseScaling`.
 
     A network that is a chain of Linear layers and pass-through activations (an MLP) takes a shorter
-    route when ``chain`` is true (see :func:`_chain_scaling`): the same numbers, without autograd, and
+    route when ``chain`` is true (see :mod:`pl_pathsgd.paths.chain`): the same numbers, without autograd, and
     with one read fewer of the largest hidden weight matrix.  ``chain=False`` forces the general route,
     and ``fast_linear=False`` makes it build |W|^p for every Linear layer instead of reading W blockwise
     (:mod:`pl_pathsgd.paths.fast_linear`) — both only for comparison.
@@ -139,12 +139,11 @@ def scaling_of(graph: PathGraph, p: float = 2, dtype: torch.dtype = torch.float6
     if layers is not None:
         parameters = graph.parameters(program)
         chain_layers = [(parameters[w], None if b is None else parameters[b]) for w, b in layers]
-        scalings = _chain_scaling(chain_layers, p, dtype)
         result = {}
-        for (w, b), (weight_scaling, bias_scaling) in zip(layers, scalings):
-            result[names[w]] = weight_scaling
+        for (w, b), (out_factor, in_factor) in zip(layers, chain_scaling(chain_layers, p, dtype)):
+            result[names[w]] = OuterScaling(out_factor, in_factor)
             if b is not None:
-                result[names[b]] = bias_scaling
+                result[names[b]] = DenseScaling(out_factor)
         return result
     kappas, outer = _twin_kappas(graph, p, dtype, fast_linear, exact)
     power = 2.0 / p
@@ -353,87 +352,6 @@ _VIEWS = tuple(packet for packet in (torch.ops.aten.view, torch.ops.aten._unsafe
 def _own_placeholder(program: Program, node, user) -> bool:
     return (getattr(node, "op", None) == "placeholder" and program.kinds.get(node) == Kind.PARAM
             and list(node.users) == [user])
-
-
-def _chain_scaling(layers: list[tuple[Tensor, Tensor | None]], p: float,
-                   dtype: torch.dtype) -> list[tuple[OuterScaling, DenseScaling | None]]:
-    """The Path-SGD divisors of an MLP, from matrix-vector products with |W|^p and no autograd.
-
-    gamma_in of layer j's inputs is v_j (v_0 = 1, v_{j+1} = |W_j|^p v_j + |b_j|^p) and gamma_out of its
-    outputs is g_j (g_last = 1, g_{j-1} = (|W_j|^p)^T g_j): the values and the gradients of the path
-    twin, so this is exactly what the general route computes.  The forward sweep needs no v_last and
-    the backward sweep no g_{-1}; the all-ones vectors at both ends are plain sums of |W|^p.  Since g
-    depends only on the layers after j and v only on those before, the backward sweep runs first
-    down to the largest hidden layer k, then the forward sweep up to it, and layer k computes both of
-    its products in a single blockwise read of W_k; then both sweeps finish.  Each hidden weight
-    matrix is read twice, except the largest, read once.  ``layers``: (weight, bias) pairs; returns the
-    (weight, bias) scalings of each layer.
-    """
-    d = len(layers)
-    weights = [weight.detach() for weight, _ in layers]
-    biases = [None if bias is None else bias.detach() for _, bias in layers]
-    device = weights[0].device
-    v: list[Tensor | None] = [None] * d
-    g: list[Tensor | None] = [None] * d
-    v[0] = torch.ones(weights[0].shape[1], dtype=dtype, device=device)
-    g[-1] = torch.ones(weights[-1].shape[0], dtype=dtype, device=device)
-
-    shifts = _powers(biases, p, dtype)  # |b_j|^p, all at once
-
-    def forward(j: int) -> None:  # v[j + 1] from layer j
-        if j == 0:
-            product = power_sums(weights[0], p, 1, dtype)
-            v[1] = product if shifts[0] is None else product.add_(shifts[0])
-        else:
-            v[j + 1] = power_products(weights[j], p, dtype, v[j], shift=shifts[j])[0]
-
-    def backward(j: int) -> None:  # g[j - 1] from layer j
-        if j == d - 1:
-            g[j - 1] = power_sums(weights[j], p, 0, dtype)
-        else:
-            g[j - 1] = power_products(weights[j], p, dtype, covector=g[j])[1]
-
-    middle = range(1, d - 1)
-    k = max(middle, key=lambda j: weights[j].numel()) if d >= 3 else None
-    if k is None:
-        for j in range(d - 1, 0, -1):
-            backward(j)
-        for j in range(d - 1):
-            forward(j)
-    else:
-        for j in range(d - 1, k, -1):
-            backward(j)
-        for j in range(k):
-            forward(j)
-        v[k + 1], g[k - 1] = power_products(weights[k], p, dtype, v[k], g[k], shift=shifts[k])
-        for j in range(k - 1, 0, -1):
-            backward(j)
-        for j in range(k + 1, d - 1):
-            forward(j)
-
-    power = 2.0 / p
-    scalings = []
-    for j in range(d):
-        out_factor = g[j] if power == 1 else g[j].pow(power)
-        in_factor = v[j] if power == 1 else v[j].pow(power)
-        scalings.append((OuterScaling(out_factor, in_factor), None if biases[j] is None else DenseScaling(out_factor)))
-    return scalings
-
-
-def _powers(values: list[Tensor | None], p: float, dtype: torch.dtype) -> list[Tensor | None]:
-    """|value|^p in ``dtype`` for each tensor given (None stays None), with one foreach call per operation."""
-    present = [i for i, value in enumerate(values) if value is not None]
-    result: list[Tensor | None] = [None] * len(values)
-    if not present:
-        return result
-    powered = torch._foreach_abs([values[i].to(dtype) for i in present])
-    if p == 2:
-        torch._foreach_mul_(powered, powered)
-    elif p != 1:
-        torch._foreach_pow_(powered, p)
-    for i, value in zip(present, powered):
-        result[i] = value
-    return result
 
 
 def path_scaling(model: nn.Module | PathGraph, p: float = 2, input_shape: tuple[int, ...] | None = None,
