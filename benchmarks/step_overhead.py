@@ -13,8 +13,14 @@ Memory, from ``torch.profiler`` (``profile_memory=True``) around one ``optimizer
 ``largest alloc`` its largest single allocation; ``state`` is what each optimizer keeps between
 steps (momentum buffers, plus PathSGD's reused scratch buffer).
 
-    python benchmarks/step_overhead.py            # full run (a few minutes on 2 cores)
-    python benchmarks/step_overhead.py --quick    # fewer rounds
+    python benchmarks/step_overhead.py                 # full run (a few minutes on 2 cores)
+    python benchmarks/step_overhead.py --quick         # fewer rounds
+    python benchmarks/step_overhead.py --device cuda   # on a GPU: adds ResNet-18 (batch 128) and counts kernels
+
+On a GPU every timing is bracketed by ``torch.cuda.synchronize()``, memory is CUDA's peak allocation
+during the step, and ``kernels`` counts the CUDA kernels one ``optimizer.step()`` launches (from
+``torch.profiler``): SGD launches a handful whatever the depth; PathSGD's count grows with the number
+of layers, which makes small, deep networks launch-bound on a GPU.
 """
 
 from __future__ import annotations
@@ -58,6 +64,14 @@ def cifar_conv() -> nn.Module:
     )
 
 
+def resnet18() -> nn.Module:
+    import torchvision
+
+    from pl_pathsgd import freeze_batchnorm
+
+    return freeze_batchnorm(torchvision.models.resnet18())
+
+
 def deep_narrow_mlp(depth: int = 20, width: int = 256) -> nn.Module:
     layers: list[nn.Module] = [nn.Linear(784, width), nn.ReLU()]
     for _ in range(depth - 2):
@@ -73,6 +87,13 @@ CASES = [
     ("conv 3x32x32 (max+avg pool)", cifar_conv, (3, 32, 32), 100),
     ("MLP depth 20 width 256", deep_narrow_mlp, (784,), 100),
 ]
+CUDA_CASES = [
+    ("MLP 784-4000-4000-10", paper_mlp, (784,), 100),
+    ("MLP 784-4000-4000-10", paper_mlp, (784,), 1000),
+    ("MLP depth 5 width 256", lambda: deep_narrow_mlp(5), (784,), 100),
+    ("MLP depth 20 width 256", deep_narrow_mlp, (784,), 100),
+    ("ResNet-18 3x224x224", resnet18, (3, 224, 224), 128),
+]
 
 
 def make_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
@@ -85,15 +106,46 @@ def make_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tenso
 
 
 def timed(fn: Callable[[], object]) -> float:
+    synchronize()
     start = time.perf_counter()
     fn()
+    synchronize()
     return time.perf_counter() - start
 
 
-def step_memory(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> tuple[int, int]:
-    """(peak bytes held at once beyond the start, largest single allocation) during one optimizer.step()."""
+DEVICE = torch.device("cpu")
+
+
+def synchronize() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def kernel_launches(model, optimizer, x, y) -> int:
+    """CUDA kernels launched by one optimizer.step() (0 on the CPU)."""
+    if DEVICE.type != "cuda":
+        return 0
     optimizer.zero_grad()
     nn.functional.cross_entropy(model(x), y).backward()
+    synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        optimizer.step()
+        synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def step_memory(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> tuple[int, int]:
+    """(peak bytes held at once beyond the start, largest single allocation) during one optimizer.step()
+    (on a GPU: CUDA's peak allocation beyond the start, and no largest allocation)."""
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    if DEVICE.type == "cuda":
+        synchronize()
+        start = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        optimizer.step()
+        synchronize()
+        return torch.cuda.max_memory_allocated() - start, 0
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         optimizer.step()
     sizes = allocation_sizes(prof)
@@ -122,12 +174,12 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
 def run_case(name, build, shape, batch, rounds, warmup) -> dict:
     fast_linear.release_scratch()  # count only this case's scratch buffer
     torch.manual_seed(0)
-    model = build()  # one model: both optimizers step the same parameters, so memory layout is shared
+    model = build().to(DEVICE)  # one model: both optimizers step the same parameters, so memory layout is shared
     sgd = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
     path = PathSGD(model.parameters(), lr=LR, momentum=0.9, model=model, input_shape=shape)
     generator = torch.Generator().manual_seed(1)
-    x = torch.randn(batch, *shape, generator=generator)
-    y = torch.randint(10, (batch,), generator=generator)
+    x = torch.randn(batch, *shape, generator=generator).to(DEVICE)
+    y = torch.randint(10, (batch,), generator=generator).to(DEVICE)
     sgd_step, path_step = make_step(model, sgd, x, y), make_step(model, path, x, y)
 
     def geometry() -> None:
@@ -147,6 +199,7 @@ def run_case(name, build, shape, batch, rounds, warmup) -> dict:
         ratios.append(t_path / t_sgd)
     sgd_peak, sgd_largest = step_memory(model, sgd, x, y)
     path_peak, path_largest = step_memory(model, path, x, y)
+    sgd_kernels, path_kernels = kernel_launches(model, sgd, x, y), kernel_launches(model, path, x, y)
     if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
         print(f"warning: {name} (batch {batch}) diverged; its timings involve non-finite numbers")
     params = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -157,7 +210,7 @@ def run_case(name, build, shape, batch, rounds, warmup) -> dict:
         geometry=statistics.median(geometry_times), geometry_dtype=path.last_geometry_dtype,
         sgd_peak=sgd_peak, path_peak=path_peak, sgd_largest=sgd_largest, path_largest=path_largest,
         sgd_state=state_bytes(sgd), path_state=state_bytes(path) + fast_linear.scratch_bytes(),
-        min_ratio=min(path_times) / min(sgd_times),
+        min_ratio=min(path_times) / min(sgd_times), sgd_kernels=sgd_kernels, path_kernels=path_kernels,
     )
 
 
@@ -178,25 +231,31 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds per case (default 15, or 5 with --quick)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: leave as is)")
     parser.add_argument("--only", type=str, default=None, help="run only cases whose name contains this text")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     rounds = args.rounds or (5 if args.quick else 15)
     warmup = 1 if args.quick else 3
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs: {cpu_name()}")
+    where = torch.cuda.get_device_name() if DEVICE.type == "cuda" else cpu_name()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; device {DEVICE}: {where}")
     print(f"rounds {rounds}, warm-up {warmup}; load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     header = (f"{'model':<29} {'batch':>5} {'SGD ms':>8} {'PathSGD ms':>10} {'ratio':>6} {'(mins)':>6} {'scaling ms':>10} "
-              f"{'step peak MiB SGD/Path':>23} {'largest alloc MiB':>18} {'state MiB SGD/Path':>19} {'params MiB':>10}")
+              f"{'step peak MiB SGD/Path':>23} {'largest alloc MiB':>18} {'state MiB SGD/Path':>19} {'params MiB':>10}"
+              f"{' kernels SGD/Path' if DEVICE.type == 'cuda' else ''}")
     print(header)
     print("-" * len(header))
-    for name, build, shape, batch in CASES:
+    for name, build, shape, batch in (CUDA_CASES if DEVICE.type == "cuda" else CASES):
         if args.only and args.only not in name:
             continue
         r = run_case(name, build, shape, batch, rounds, warmup)
         print(f"{r['name']:<29} {r['batch']:>5} {1e3 * r['sgd']:>8.1f} {1e3 * r['path']:>10.1f} {r['ratio']:>6.3f} {r['min_ratio']:>6.3f} "
               f"{1e3 * r['geometry']:>10.2f} {r['sgd_peak'] / MIB:>11.2f} / {r['path_peak'] / MIB:<9.2f} "
               f"{r['sgd_largest'] / MIB:>7.2f} / {r['path_largest'] / MIB:<8.2f} "
-              f"{r['sgd_state'] / MIB:>8.1f} / {r['path_state'] / MIB:<8.1f} {r['params'] / MIB:>10.1f}", flush=True)
+              f"{r['sgd_state'] / MIB:>8.1f} / {r['path_state'] / MIB:<8.1f} {r['params'] / MIB:>10.1f}"
+              + (f" {r['sgd_kernels']:>7} / {r['path_kernels']:<6}" if DEVICE.type == "cuda" else ""), flush=True)
     print(f"load average at end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print("ratio: median over rounds of PathSGD step / SGD step of the same round (alternating order); "
           "(mins): fastest PathSGD step / fastest SGD step.\nscaling: the path-scaling computation alone "

@@ -274,12 +274,17 @@ class PathSGD(Optimizer):
             inv_out, inv_in, buffer, first = per_layer[j]
             self._outer_update(weight, inv_out, inv_in, group, grad_dtype, rows, (buffer, first))
 
-        def update_biases(factors: list[Tensor | None]) -> None:
+        def update_biases(factors: list[Tensor | None]) -> None:  # all biases at once, group by group
+            by_group: dict[int, tuple[dict, list[Tensor], list[Tensor]]] = {}
             for (_, bias), factor in zip(layers, factors):
                 if bias is not None and id(bias) in ids:
                     group = groups[id(bias)]
-                    floor = torch.finfo(grad_dtype).tiny if group["eps"] is None else group["eps"]
-                    self._dense_update([bias], [factor.to(grad_dtype).clamp_min(floor)], group, grad_dtype)
+                    entry = by_group.setdefault(id(group), (group, [], []))
+                    entry[1].append(bias)
+                    entry[2].append(factor.to(grad_dtype))
+            for group, biases, divisors in by_group.values():
+                floor = torch.finfo(grad_dtype).tiny if group["eps"] is None else group["eps"]
+                self._dense_update(biases, torch._foreach_clamp_min(divisors, floor), group, grad_dtype)
 
         if not fused_chain_step(layers, p, geometry_dtype, update, update_biases, None if unchecked else checked):
             self._comfortable = False
