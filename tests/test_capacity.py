@@ -279,7 +279,11 @@ def test_capacity_report_refuses_what_it_cannot_measure_before_training(tmp_path
     dict_batches = [{"pixels": x, "digit": y} for x, y in DataLoader(tensor_data(), batch_size=16)]
     with pytest.raises(UnreadableBatchError, match="unpack_batch"):
         fit(tmp_path, [CapacityReport(train_dataloader=dict_batches)], module=Counting())
-    assert steps == []  # both failed before the first step
+    with pytest.raises(ValueError, match="several training dataloaders"):
+        pl.Trainer(max_epochs=1, callbacks=[CapacityReport()], logger=CSVLogger(tmp_path), default_root_dir=tmp_path,
+                   enable_progress_bar=False).fit(Counting(), {"a": DataLoader(tensor_data(), batch_size=16),
+                                                              "b": DataLoader(tensor_data(), batch_size=16)})
+    assert steps == []  # all failed before the first step
 
 
 def test_capacity_report_reads_any_batch_structure_with_unpack_batch(tmp_path):

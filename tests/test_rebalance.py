@@ -151,6 +151,23 @@ def test_two_rescaled_copies_end_in_the_same_network(method):
         torch.testing.assert_close(theirs, value, rtol=1e-9, atol=1e-12, msg=key)
 
 
+def test_a_unit_without_incoming_or_outgoing_weights_keeps_its_scale():
+    """c^2 A + B / c^2 has no minimiser when A or B is 0: such a unit keeps c = 1, and nothing becomes NaN."""
+    net = mlp()
+    with torch.no_grad():
+        net[0].weight[3].zero_()
+        net[0].bias[3] = 0.0  # unit 3 of the first layer receives nothing
+        net[4].weight[:, 5].zero_()  # unit 5 of the second layer sends nothing
+    x = inputs_for(net)
+    with torch.no_grad():
+        before = net(x)
+    result = l2_rebalance(net)
+    assert result.factors["0"][3] == 1.0 and result.factors["2"][5] == 1.0
+    assert all(bool(torch.isfinite(p).all()) for p in net.parameters())
+    with torch.no_grad():
+        assert relative_gap(net(x), before) <= 1e-12
+
+
 def test_parameter_factors_are_the_ratios_of_the_weights():
     net = mlp()
     before = {name: p.detach().clone() for name, p in net.named_parameters()}
@@ -416,6 +433,14 @@ def test_callback_refuses_before_the_first_step(tmp_path):
     with pytest.raises(PathGeometryError, match="layered networks"):
         run(tmp_path, [Rebalance(method="pathnorm")], module=module)
     assert module.steps == 0
+
+
+def test_callback_warns_when_nothing_can_be_rescaled(tmp_path):
+    callback = Rebalance(every_n_steps=1)
+    single_layer = nn.Sequential(nn.Linear(FEATURES, CLASSES)).double()
+    with pytest.warns(UserWarning, match="no hidden units that can be rescaled"):
+        trainer, module = run(tmp_path, [callback], module=Recorder("sgd", network=single_layer), max_epochs=1)
+    assert callback.rebalances == 0 and module.steps == 8
 
 
 def convnet_flat() -> nn.Module:

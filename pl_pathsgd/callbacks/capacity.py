@@ -12,6 +12,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
+from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from pl_pathsgd.callbacks._batch import BatchReader, UnpackBatch
@@ -161,13 +162,14 @@ class CapacityReport(Callback):
                              batch_idx: int) -> None:
         if self._checked:
             return
-        self._checked = True  # before the first step: the network, its structure and the training data
+        self._checked = True  # before the first step: the training data, the network and its structure
+        reader = self._train_reader(trainer)
         inputs, _ = self.reader.check(batch, "first training batch")
         self._graph.at_first_batch(trainer, pl_module, inputs)
         if self.structure is None:
             self.structure = network_structure(self._graph.get(pl_module))
         with preserved_rng():
-            first = next(iter(self._train_reader(trainer).batches()), None)
+            first = next(iter(reader.batches()), None)
             if first is None:
                 raise ValueError("CapacityReport: the training data is empty; there is no margin to measure")
             inputs, targets = self.reader.check(first, "first batch of the training data")
@@ -255,6 +257,10 @@ class CapacityReport(Callback):
                     source = trainer.train_dataloader
             if source is None:
                 raise ValueError("CapacityReport: no training data found; pass train_dataloader=...")
+            if isinstance(source, (list, tuple, dict)) and any(
+                    isinstance(loader, DataLoader) for loader in (source.values() if isinstance(source, dict) else source)):
+                raise ValueError("CapacityReport measures one training set, and this fit has several training "
+                                 "dataloaders; pass the one to measure as train_dataloader=...")
             self._reader = whole_dataset_reader(source, self.eval_batch_size)
         return self._reader
 
