@@ -38,9 +38,6 @@ from pl_pathsgd.paths.capacity import (
 #: Examples per evaluation batch of the training-set pass.
 DEFAULT_EVAL_BATCH_SIZE = 1024
 
-KEYS = ("capacity/path_norm_l1", "capacity/path_norm_l2", "capacity/path_norm_l4", "capacity/margin",
-        "capacity/normalized_path_norm_l2", "capacity/rademacher", "capacity/rademacher_sharpened")
-
 
 class CapacityReport(Callback):
     r"""Log capacity measures of the network at the end of every ``every_n_epochs``-th training epoch.
