@@ -28,7 +28,13 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import pl_pathsgd.callbacks as callbacks_package
 from pl_pathsgd import PathSGD
-from pl_pathsgd.callbacks import EpochErrorMonitor, PathNormMonitor, RescalingInvarianceCheck, TensorBoardExtras
+from pl_pathsgd.callbacks import (
+    CapacityReport,
+    EpochErrorMonitor,
+    PathNormMonitor,
+    RescalingInvarianceCheck,
+    TensorBoardExtras,
+)
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:.*(log_every_n_steps|does not have many workers|LeafSpec|litlogger|litmodels|in eval mode).*"
@@ -116,8 +122,9 @@ OBSERVERS: dict[str, Callable[[], list[Callback]]] = {
     "RescalingInvarianceCheck": lambda: [RescalingInvarianceCheck(every_n_epochs=1)],
     "EpochErrorMonitor": lambda: [EpochErrorMonitor(val=True, test_dataloader=make_test_loader(), eval_batch_size=7)],
     "TensorBoardExtras": lambda: [TensorBoardExtras()],
+    "CapacityReport": lambda: [CapacityReport(percentile=50, eval_batch_size=5)],
     "all": lambda: [PathNormMonitor(), RescalingInvarianceCheck(), EpochErrorMonitor(val=True, test_dataloader=make_test_loader()),
-                    TensorBoardExtras()],
+                    TensorBoardExtras(), CapacityReport()],
 }
 
 
@@ -183,7 +190,7 @@ def assert_observes_without_changing(make_callbacks: Callable[[], list[Callback]
 def test_all_callbacks_together_leave_the_run_unchanged(scenario, tmp_path_factory):
     trainer = assert_observes_without_changing(OBSERVERS["all"], scenario, tmp_path_factory)
     # and they did their work in that run
-    for key in ("path_norm/p2", "invariance/update", "train/error", "val/error", "test/error"):
+    for key in ("path_norm/p2", "invariance/update", "train/error", "val/error", "test/error", "capacity/rademacher"):
         assert key in trainer.callback_metrics, key
 
 

@@ -4,6 +4,8 @@
 * :class:`RescalingInvarianceCheck` logs ``invariance/function``, ``invariance/path_norm``,
   ``invariance/update`` (Theorem 5.1) on a rescaled copy of the network.
 * :class:`EpochErrorMonitor` logs ``{train,val,test}/{error,loss}`` on the whole sets.
+* :class:`CapacityReport` logs ``capacity/path_norm_l1`` ... ``capacity/rademacher``: path-norms, the training
+  margin and a path-norm generalization bound (Gonon et al., ICLR 2024).
 * :class:`TensorBoardExtras` adds per-epoch charts, a learning-curve figure and hyper-parameters with the
   final test error to TensorBoard.
 
@@ -19,12 +21,14 @@ batch's inputs.  Inputs and targets are read from a batch by ``unpack_batch`` (e
 """
 
 from pl_pathsgd.callbacks._batch import UnreadableBatchError, default_unpack_batch
+from pl_pathsgd.callbacks.capacity import CapacityReport
 from pl_pathsgd.callbacks.error_monitor import EpochErrorMonitor
 from pl_pathsgd.callbacks.invariance import InvarianceViolationError, RescalingInvarianceCheck
 from pl_pathsgd.callbacks.path_norm import PathNormMonitor
 from pl_pathsgd.callbacks.tensorboard import TensorBoardExtras, default_layout
 
 __all__ = [
+    "CapacityReport",
     "EpochErrorMonitor",
     "InvarianceViolationError",
     "PathNormMonitor",
