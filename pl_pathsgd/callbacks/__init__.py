@@ -8,9 +8,12 @@
   margin and a path-norm generalization bound (Gonon et al., ICLR 2024).
 * :class:`TensorBoardExtras` adds per-epoch charts, a learning-curve figure and hyper-parameters with the
   final test error to TensorBoard.
+* :class:`Rebalance` rescales the hidden units (smallest l2 norm, or Lemma 4.1's balance) without changing
+  the network's function, carrying the optimizer's state along.
 
-They are observers: with any of them on, a seeded run ends with the same weights, optimizer state, module
-modes and random states as without them (``docs/callbacks.md`` states the contract).
+All but ``Rebalance`` are observers: with any of them on, a seeded run ends with the same weights, optimizer
+state, module modes and random states as without them (``docs/callbacks.md`` states the contract).
+``Rebalance`` changes the weights and the optimizer state by design, and nothing else.
 
 The network is ``pl_module.path_network`` when the module defines it, else the module itself; the input
 shape is the callback's ``input_shape``, else ``pl_module.example_input_array``'s (without the batch
@@ -25,6 +28,7 @@ from pl_pathsgd.callbacks.capacity import CapacityReport
 from pl_pathsgd.callbacks.error_monitor import EpochErrorMonitor
 from pl_pathsgd.callbacks.invariance import InvarianceViolationError, RescalingInvarianceCheck
 from pl_pathsgd.callbacks.path_norm import PathNormMonitor
+from pl_pathsgd.callbacks.rebalance import Rebalance
 from pl_pathsgd.callbacks.tensorboard import TensorBoardExtras, default_layout
 
 __all__ = [
@@ -32,6 +36,7 @@ __all__ = [
     "EpochErrorMonitor",
     "InvarianceViolationError",
     "PathNormMonitor",
+    "Rebalance",
     "RescalingInvarianceCheck",
     "TensorBoardExtras",
     "UnreadableBatchError",
