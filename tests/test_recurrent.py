@@ -217,3 +217,36 @@ def test_other_recurrent_cells_are_refused_by_name():
 
         with pytest.raises(P.UnsupportedModelError, match=reason):
             P.path_norm(Wrapped(), 2, (T, INPUTS))
+
+
+def test_the_path_norm_monitor_logs_the_kappa2_ratio_of_a_recurrent_network(tmp_path):
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import CSVLogger
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from pl_pathsgd.callbacks import PathNormMonitor
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = shrink(Recurrent())
+
+        @property
+        def path_network(self):
+            return self.net
+
+        def training_step(self, batch, batch_idx):
+            return F.mse_loss(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    x = torch.rand(16, T, INPUTS, dtype=DTYPE)
+    module = Module()
+    module.example_input_array = x[:1]
+    trainer = pl.Trainer(max_epochs=1, logger=CSVLogger(tmp_path), callbacks=[PathNormMonitor(p=2)],
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(module, DataLoader(TensorDataset(x, x.sum(1)), batch_size=8))
+    logged = float(trainer.callback_metrics["recurrence/kappa2_ratio/rnn.weight_hh_l0"])
+    assert logged == pytest.approx(recurrence_ratio(module.net, 2, (T, INPUTS))["rnn.weight_hh_l0"], rel=1e-12)
+    assert logged > 0

@@ -14,7 +14,7 @@ from typing_extensions import override
 
 from pl_pathsgd.callbacks._batch import BatchReader, UnpackBatch
 from pl_pathsgd.callbacks._common import SharedGraph, check_input_shape, is_number, p_label, require_logger
-from pl_pathsgd.paths import PathGraph, path_norm
+from pl_pathsgd.paths import PathGraph, path_norm, recurrence_ratio
 
 
 class PathNormMonitor(Callback):
@@ -27,7 +27,10 @@ class PathNormMonitor(Callback):
     weights and changes nothing: not the weights, the modes, nor any random state.
 
     Logged keys: ``path_norm/p1``, ``path_norm/p2``, ``path_norm/pinf`` for the default ``p``; in general
-    ``path_norm/p<p>`` (``p3``, ``p1.5``).  With ``logging_interval="epoch"`` they are logged at the end of
+    ``path_norm/p<p>`` (``p3``, ``p1.5``).  For a recurrent network (``nn.RNN(nonlinearity="relu")``) also
+    ``recurrence/kappa2_ratio/<weight>``: the largest kappa^(2)/kappa^(1) over the entries of each recurrent
+    weight (:func:`pl_pathsgd.recurrence_ratio`), which says how far Path-SGD's default divisor
+    (kappa^(1) alone) is from the exact one; ``recurrence_ratio=False`` turns it off.  With ``logging_interval="epoch"`` they are logged at the end of
     every training epoch; with ``"step"`` after every training batch.  The values are computed in float64
     from the weights, which are the same on every process under DDP, so no reduction is needed.
 
@@ -41,6 +44,7 @@ class PathNormMonitor(Callback):
         input_shape: shape of one example without the batch dimension.
         unpack_batch: ``batch -> (inputs, targets)``, only needed to take the input shape from a batch that is
             not an ``(x, y)`` tuple/list or a dict with an ``"x"``-like key (see :mod:`pl_pathsgd.callbacks`).
+        recurrence_ratio: log ``recurrence/kappa2_ratio/*`` when the network is recurrent.
 
     Raises:
         ValueError: for an invalid ``p``, a repeated ``p``, or an unknown ``logging_interval``.
@@ -59,6 +63,7 @@ class PathNormMonitor(Callback):
         logging_interval: Literal["epoch", "step"] = "epoch",
         input_shape: tuple[int, ...] | None = None,
         unpack_batch: UnpackBatch | None = None,
+        recurrence_ratio: bool = True,
     ):
         values = [p] if is_number(p) else list(p) if isinstance(p, Iterable) and not isinstance(p, str) else [p]
         if not values:
@@ -77,6 +82,7 @@ class PathNormMonitor(Callback):
         self.keys = {v: f"path_norm/{p_label(v)}" for v in self.p}
         self._graph = SharedGraph(self.input_shape, "PathNormMonitor")
         self._batch_checked = False
+        self.recurrence_ratio = bool(recurrence_ratio)
 
     @property
     def graph(self) -> PathGraph | None:
@@ -129,4 +135,9 @@ class PathNormMonitor(Callback):
         """The path-norms of the network's current weights, ``{logged key: float64 scalar}``."""
         graph = self._graph.get(pl_module)
         with torch.no_grad():
-            return {self.keys[p]: path_norm(graph, p, dtype=torch.float64) for p in self.p}
+            values = {self.keys[p]: path_norm(graph, p, dtype=torch.float64) for p in self.p}
+        if self.recurrence_ratio:
+            device = graph.device()
+            for name, ratio in recurrence_ratio(graph).items():
+                values[f"recurrence/kappa2_ratio/{name}"] = torch.tensor(ratio, dtype=torch.float64, device=device)
+        return values

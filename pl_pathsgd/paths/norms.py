@@ -210,9 +210,12 @@ def recurrent_kappas(model: nn.Module | PathGraph, p: float = 2, input_shape: tu
     """
     graph = trace(model, input_shape)
     p = check_p(p, allow_inf=False)
+    recurrent = _recurrent_weights(graph.program())
+    if not recurrent:
+        return {}
     kappas, _ = _twin_kappas(graph, p, dtype, fast_linear=True, exact=True)
     names = graph.parameter_names()
-    return {names[name]: kappas[name] for name in _recurrent_weights(graph.program()) if name in kappas}
+    return {names[name]: kappas[name] for name in recurrent if name in kappas}
 
 
 def recurrence_ratio(model: nn.Module | PathGraph, p: float = 2,
