@@ -6,6 +6,7 @@ the quick start and a smoke sweep from a folder outside the repository).
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import tomllib
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import pl_pathsgd
 from pl_pathsgd import configs
 from pl_pathsgd.cli import main
 from pl_pathsgd.experiments import grids
@@ -185,3 +187,13 @@ def test_the_entry_point_takes_a_config_name(tmp_path):
     assert printed["trainer"]["max_epochs"] == yaml.safe_load(configs.path("paper/smoke/figure2").read_text())[
         "trainer"]["max_epochs"]
     assert printed["model"]["init_args"]["optimizer"]["class_path"] == "torch.optim.SGD"
+
+
+def test_readme_installed_route_names_this_wheel_and_real_configs():
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("## Installed package")
+    install, use = re.findall(r"```bash\n(.*?)\n```", readme[start:readme.index("\n## ", start + 1)], flags=re.S)
+    assert f"'dist/pl_pathsgd-{pl_pathsgd.__version__}-py3-none-any.whl[all]'" in install
+    named = re.findall(r"--config (\S+)", use)
+    assert "quickstart" in named and all(configs.path(name) for name in named if name != "my.yaml")
+    assert "configs copy quickstart my.yaml" in use and "--smoke" in use
