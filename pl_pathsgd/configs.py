@@ -7,7 +7,8 @@ install reads it in place. A config's name is its path below that folder without
 
     pl-pathsgd fit --config quickstart          a packaged config by name (a file path still works)
     pl-pathsgd configs list                     the names, each with its first comment line
-    pl-pathsgd configs copy quickstart my.yaml  a copy to edit
+    pl-pathsgd configs show quickstart          one config
+    pl-pathsgd configs copy quickstart my.yaml  a copy to edit (--all DIR: all of them, as laid out here)
 """
 
 from __future__ import annotations
