@@ -182,7 +182,19 @@ def make_cli(args=None, run: bool = True) -> PathSGDCLI:
 
 
 def main(args=None) -> None:
-    make_cli(args)
+    from pl_pathsgd import configs  # the packaged configs: `pl-pathsgd configs ...`, `--config NAME`
+
+    command_line = sys.argv[1:] if args is None else args
+    if isinstance(command_line, (list, tuple)) and command_line[:1] == ["configs"]:
+        raise SystemExit(configs.main(list(command_line[1:])))
+    try:
+        resolved = configs.resolve_config_args(command_line)
+    except configs.UnknownConfigError as error:
+        sys.stderr.write(f"pl-pathsgd: error: {error}\n")
+        raise SystemExit(2) from None
+    if args is None:
+        sys.argv[1:] = resolved  # what the user meant, for the parser and any process Lightning launches
+    make_cli(None if args is None else resolved)
 
 
 if __name__ == "__main__":

@@ -41,12 +41,14 @@ def config_path(figure: str, dataset: str, smoke: bool, root: Path | None = None
 
 
 def _configs_root(root: Path | None) -> Path:
+    """``root`` if given, else ``./configs`` if it holds the paper's configs, else the package's own configs."""
     if root is not None:
         return root
-    for candidate in (Path.cwd() / "configs", Path(__file__).resolve().parents[2] / "configs"):
-        if (candidate / "paper").is_dir():
-            return candidate
-    raise FileNotFoundError("cannot find the configs/ folder; run from the repository root or pass --configs")
+    if (Path.cwd() / "configs" / "paper").is_dir():
+        return Path.cwd() / "configs"
+    from pl_pathsgd import configs
+
+    return configs.root()
 
 
 def _arg(key: str, value) -> str:
