@@ -7,7 +7,6 @@ written-out formula, not against the engine's own numbers.
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch

@@ -333,7 +333,7 @@ class PathGraph:
                 call = step.call
                 actual_slots = call.actual_args if call is not None else frozenset()
                 args = tuple(
-                    fx.node.map_arg(arg, lambda n, slot=i: value_of(n, slot in actual_slots))
+                    fx.node.map_arg(arg, lambda n, actual=i in actual_slots: value_of(n, actual))
                     for i, arg in enumerate(node.args)
                 )
                 kwargs = fx.node.map_arg(node.kwargs, value_of)

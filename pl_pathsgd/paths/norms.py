@@ -44,7 +44,6 @@ from pl_pathsgd.paths.ops import Kind, TwinRun
 from pl_pathsgd.paths.ops.elementwise import Copy, PositivelyHomogeneous
 from pl_pathsgd.paths.ops.registry import GETITEM
 from pl_pathsgd.paths.ops.recurrent import ReluRNN, _layer_parameters, _options, kappa2_of
-from pl_pathsgd.paths.ops.structural import View
 
 
 def check_p(p: float, allow_inf: bool) -> float:
