@@ -137,18 +137,19 @@ def fused_chain_step(layers: Layers, p: float, dtype: torch.dtype, update: RowUp
     if in_range is not None and not in_range(known):
         return False
     power = 2.0 / p
+    products = []
     for j in _pass_order(sweeps):
         out_factor, in_factor = _power(sweeps.g[j], power), _power(sweeps.v[j], power)
         forward, backward = sweeps.needs(j)
         if not (forward or backward):
             update(j, out_factor, in_factor, None)
             continue
-        products = _read_and_update(sweeps, j, forward, backward,
-                                    lambda rows, j=j, o=out_factor, i=in_factor: update(j, o, i, rows))
-        if in_range is not None and not in_range(products):
-            warnings.warn("PathSGD: a path factor computed during this step left the normal range of "
-                          f"{dtype}; the layers updated after it used it as computed. Pass dtype=torch.float64 "
-                          "to compute the geometry in float64.", RuntimeWarning, stacklevel=3)
+        products += _read_and_update(sweeps, j, forward, backward,
+                                     lambda rows, j=j, o=out_factor, i=in_factor: update(j, o, i, rows))
+    if in_range is not None and not in_range(products):  # checked once, at the end: it can only warn now
+        warnings.warn("PathSGD: a path factor computed during this step left the normal range of "
+                      f"{dtype}; the layers updated after it used it as computed. Pass dtype=torch.float64 "
+                      "to compute the geometry in float64.", RuntimeWarning, stacklevel=3)
     update_biases([None if bias is None else _power(g, power) for (_, bias), g in zip(layers, sweeps.g)])
     return True
 
