@@ -1,0 +1,78 @@
+"""Parallel and cluster sweeps: ``--jobs N`` gives the sequential results and resumes like it;
+``--print-commands`` prints self-contained ``pl-pathsgd fit`` commands and ``--collect`` assembles their cells."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pl_pathsgd.experiments.cell import read_result
+from pl_pathsgd.experiments.parallel import threads_per_job
+from pl_pathsgd.experiments.runner import run
+
+SMALL = ["--trainer.max_epochs=2", "--trainer.limit_train_batches=4"]
+
+
+def figure1(out: Path, widths, *extra: str) -> list[dict]:
+    return run(["figure1", "--smoke", "--out", str(out), "--widths", *widths, *SMALL, *extra])
+
+
+def by_cell(rows: list[dict]) -> dict[str, list[dict]]:
+    cells: dict[str, list[dict]] = {}
+    for row in rows:
+        cells.setdefault(row["cell"], []).append(row)
+    return cells
+
+
+def test_a_parallel_sweep_resumes_gives_the_sequential_numbers_and_collects(tmp_path, capsys):
+    sequential = by_cell(figure1(tmp_path / "seq", ["4", "16", "64"]))
+    out = tmp_path / "par"
+    figure1(out, ["4"])  # a sweep interrupted after its first cell, as far as the folder is concerned
+    capsys.readouterr()
+    rows = figure1(out, ["4", "16", "64"], "--jobs", "2")
+    printed = capsys.readouterr().out
+    assert "[figure1 digits width00004] finished earlier with these settings, reused" in printed
+    assert f"running 2 cells in 2 processes, {threads_per_job(2)} thread(s) each" in printed
+    parallel = by_cell(rows)
+    assert parallel.keys() == sequential.keys()
+    for cell, epochs in sequential.items():
+        for a, b in zip(epochs, parallel[cell], strict=True):
+            # the same run; fewer threads per process may round sums differently, the errors are the same
+            assert a["train_error"] == b["train_error"] and a["test_error"] == b["test_error"], cell
+            assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5), cell
+    assert figure1(out, ["4", "16", "64"], "--jobs", "2") == rows, "resumed: every cell reused"
+    table = (out / "figure1.csv").read_text()
+    (out / "figure1.csv").unlink()
+    assert figure1(out, ["4", "16", "64"], "--collect") == rows
+    assert (out / "figure1.csv").read_text() == table and (out / "figure1.png").is_file()
+
+
+def test_printed_commands_run_anywhere_and_collect_assembles_their_cells(tmp_path, capsys):
+    out = tmp_path / "cluster"
+    assert figure1(out, ["4", "16"], "--print-commands") == []
+    commands = capsys.readouterr().out.strip().splitlines()
+    assert len(commands) == 2 and all(c.startswith("pl-pathsgd fit --config /") for c in commands)
+    with pytest.raises(SystemExit) as stop:
+        figure1(out, ["4", "16"], "--collect")
+    assert "2 of 2 cells are not finished (width00004, width00016)" in str(stop.value.code)
+
+    elsewhere = tmp_path / "node"
+    elsewhere.mkdir()
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    first = subprocess.run(commands[0], shell=True, cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert read_result(out / "cells" / "width00004") is not None
+    assert figure1(out, ["4", "16"], "--print-commands") == []
+    assert capsys.readouterr().out.strip().splitlines() == commands[1:], "only the unfinished cell is left"
+
+    again = subprocess.run(commands[0], shell=True, cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "holds a finished cell" in again.stderr.strip().splitlines()[-1]
+    second = subprocess.run(commands[1], shell=True, cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    rows = figure1(out, ["4", "16"], "--collect")
+    assert {r["cell"] for r in rows} == {"width00004", "width00016"} and len(rows) == 4
+    assert list(elsewhere.iterdir()) == [], "a cell writes only into its folder"
