@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pl_pathsgd.experiments.cell import read_result
 from pl_pathsgd.experiments.runner import run
 
 SMALL = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=3"]
@@ -20,6 +19,11 @@ SMALL = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=3"]
 
 def figure1(out: Path, *extra: str, widths=("4",)) -> list[dict]:
     return run(["figure1", "--smoke", "--out", str(out), "--widths", *widths, *SMALL, *extra])
+
+
+def record(cell_dir: Path) -> dict:
+    """What a finished cell recorded (``cell.json``)."""
+    return json.loads((cell_dir / "cell.json").read_text())
 
 
 def epochs_per_cell(rows: list[dict]) -> dict[str, int]:
@@ -47,7 +51,7 @@ def test_changed_settings_stop_the_sweep_and_name_each_change(tmp_path):
                    widths=("4", "16", "64"))
     assert epochs_per_cell(rows) == {"width00004": 2, "width00016": 2, "width00064": 2}
     for cell in ("width00004", "width00016", "width00064"):
-        config = read_result(out / "cells" / cell)["identity"]["config"]
+        config = record(out / "cells" / cell)["identity"]["config"]
         assert config["model"]["init_args"]["optimizer"]["init_args"]["lr"] == 0.5
     assert figure1(out, "--trainer.max_epochs=2", "--model.init_args.optimizer.lr=0.5",
                    widths=("4", "16", "64")) == rows, "the same settings reuse every cell"
@@ -139,12 +143,22 @@ def test_out_pointing_at_a_file_gets_a_one_line_message(tmp_path, capsys):
 
 def test_a_cell_records_what_determines_its_result(tmp_path):
     figure1(tmp_path)
-    record = read_result(tmp_path / "cells" / "width00004")
-    identity = record["identity"]
+    recorded = record(tmp_path / "cells" / "width00004")
+    identity = recorded["identity"]
     assert identity["config"]["model"]["init_args"]["hidden"] == [4]
     assert identity["config"]["seed_everything"] == 0
     assert "logger" not in identity["config"]["trainer"], "where results are written is not part of them"
     assert identity["data"] is None  # the digits ship with scikit-learn: the options identify them
     assert set(identity["versions"]) == {"pl_pathsgd", "torch", "lightning"}
-    assert json.dumps(record["config"])  # the full resolved config is kept beside it
-    assert len(record["epochs"]) == 1
+    assert json.dumps(recorded["config"])  # the full resolved config is kept beside it
+    assert len(recorded["epochs"]) == 1
+
+
+def test_a_cell_folder_with_other_files_is_not_emptied(tmp_path, capsys):
+    cell = tmp_path / "cells" / "width00004"
+    cell.mkdir(parents=True)
+    (cell / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit):
+        figure1(tmp_path)
+    assert "holds files that no cell writes (notes.txt)" in capsys.readouterr().err
+    assert (cell / "notes.txt").read_text() == "mine"

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
@@ -27,6 +28,11 @@ RESULT_FORMAT = 1
 #: per-epoch columns and the logged metric each comes from
 METRICS = {"train_loss": "train/loss", "train_error": "train/error", "val_loss": "val/loss",
            "val_error": "val/error", "test_loss": "test/loss", "test_error": "test/error"}
+
+
+#: what a cell's run writes into its folder (loggers, checkpoints, configs, records): only these are removed
+CELL_ENTRIES = ("csv", "tb", "checkpoints", "lightning_logs", RESULT_FILE, "epochs.json", "config*.yaml",
+                f".{RESULT_FILE}.*.tmp")
 
 
 class CellError(RuntimeError):
@@ -63,6 +69,11 @@ class CellRecorder(Callback):
         """Take the run's resolved config and clear the cell's folder; pl-pathsgd fit calls this after
         building the model, data and trainer and before any of them writes a file."""
         self.config = config
+        strangers = [e.name for e in self.cell_dir.iterdir() if not any(e.match(p) for p in CELL_ENTRIES)] \
+            if self.cell_dir.is_dir() else []
+        if strangers:
+            raise CellError(f"{self.cell_dir} holds files that no cell writes ({', '.join(sorted(strangers)[:5])}); "
+                            "give the cell a folder of its own")
         if self.result_path.is_file():
             if not self.replace:
                 raise CellError(f"{self.cell_dir} holds a finished cell ({RESULT_FILE}); the sweep runner reuses it, "
@@ -108,7 +119,8 @@ class CellRecorder(Callback):
         if not trainer.is_global_zero:
             return
         record = {"format": RESULT_FORMAT, "identity": self.identity, "epochs": self.epochs,
-                  "seconds": round(time.perf_counter() - self.started, 3), "config": self.config}
+                  "seconds": round(time.perf_counter() - self.started, 3), "threads": torch.get_num_threads(),
+                  "config": self.config}
         write_atomic(self.result_path, json.dumps(record, indent=1, default=str))
 
 

@@ -1,7 +1,7 @@
 """Cells of a sweep in several processes that share the machine's CPU cores (``--jobs N``).
 
 Each of the N worker processes imports Lightning once, sets its PyTorch threads to its share of the
-cores and runs cells (each exactly as ``pl-pathsgd fit`` would) until none are left. A cell that
+cores (or to ``--threads``) and runs cells (each exactly as ``pl-pathsgd fit`` would) until none are left. A cell that
 fails stops the handing out of new cells; the cells already running finish. SIGTERM to the runner
 is passed on to the workers, whose trainers stop cleanly at their next step; the finished cells are
 kept either way.
@@ -41,8 +41,9 @@ def threads_per_job(jobs: int) -> int:
     return max(1, available_cores() // jobs)
 
 
-def run_in_workers(tasks: list[tuple[str, list[str]]], jobs: int) -> Outcome:
-    """Run ``pl-pathsgd fit <args>`` for every ``(name, args)`` of ``tasks`` in ``jobs`` worker processes."""
+def run_in_workers(tasks: list[tuple[str, list[str]]], jobs: int, threads: int | None = None) -> Outcome:
+    """Run ``pl-pathsgd fit <args>`` for every ``(name, args)`` of ``tasks`` in ``jobs`` worker processes with
+    ``threads`` PyTorch threads each (default: their share of the cores)."""
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no copied locks or thread pools
     todo, results, stop = context.Queue(), context.Queue(), context.Event()
     for task in tasks:
@@ -50,7 +51,7 @@ def run_in_workers(tasks: list[tuple[str, list[str]]], jobs: int) -> Outcome:
     jobs = min(jobs, len(tasks))
     for _ in range(jobs):
         todo.put(None)
-    threads = threads_per_job(jobs)
+    threads = threads or threads_per_job(jobs)
     workers = [context.Process(target=_work, args=(todo, results, stop, threads), name=f"pl-pathsgd-cell-{i}")
                for i in range(jobs)]
     print(f"running {len(tasks)} cells in {jobs} processes, {threads} thread(s) each", flush=True)

@@ -149,6 +149,9 @@ def parse(argv=None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--dropout", type=float, default=0.0, help="figure3: drop probability (paper: 0 or 0.5)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="cells run at once, each in its own process with its share of the CPU cores")
+    parser.add_argument("--threads", type=int,
+                        help="PyTorch threads per cell (default: the CPU cores shared among --jobs; with --jobs 1, "
+                             "PyTorch's default); CPU kernels round sums differently with other thread counts")
     parser.add_argument("--rerun-changed", action="store_true",
                         help="rerun finished cells whose settings changed, replacing their results")
     action = parser.add_mutually_exclusive_group()
@@ -170,6 +173,8 @@ def parse(argv=None) -> tuple[argparse.Namespace, list[str]]:
                      "(it is created if missing)")
     if args.jobs < 1:
         parser.error(f"--jobs {args.jobs}: give the number of cells to run at once, 1 or more")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads {args.threads}: give the number of PyTorch threads per cell, 1 or more")
     overrides = _joined(overrides)
     bad = [o for o in overrides if not o.startswith("--")]
     if bad:
@@ -318,9 +323,14 @@ def command(fit_args: list[str]) -> str:
     return shlex.join(["pl-pathsgd", "fit", *fit_args])
 
 
-def _run_here(sweep: Sweep, todo: list[Planned]) -> None:
+def _run_here(sweep: Sweep, todo: list[Planned], threads: int | None) -> None:
     """Run the cells one after the other in this process; SIGTERM stops after a clean stop of the current one."""
-    with stop_on_sigterm() as stop:
+    import torch
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    with stop_on_sigterm() as stop, _finally(lambda: torch.set_num_threads(before)):
         for index, planned in enumerate(todo):
             if stop.requested:
                 break
@@ -339,10 +349,18 @@ def _run_here(sweep: Sweep, todo: list[Planned]) -> None:
         raise SystemExit(SIGTERM_STATUS)
 
 
-def _run_in_workers(sweep: Sweep, todo: list[Planned], jobs: int) -> None:
+@contextlib.contextmanager
+def _finally(action: Callable[[], Any]):
+    try:
+        yield
+    finally:
+        action()
+
+
+def _run_in_workers(sweep: Sweep, todo: list[Planned], jobs: int, threads: int | None) -> None:
     from pl_pathsgd.experiments.parallel import run_in_workers
 
-    outcome = run_in_workers([(p.cell.name, p.args) for p in todo], jobs)
+    outcome = run_in_workers([(p.cell.name, p.args) for p in todo], jobs, threads)
     for name, detail in outcome.failed:
         print(f"[{sweep.figure} {sweep.dataset} {name}] failed: {detail}", flush=True)
     if outcome.stopped:
@@ -400,9 +418,9 @@ def run(argv=None) -> list[dict]:
         sweep.out.mkdir(parents=True, exist_ok=True)
         try:
             if args.jobs == 1:
-                _run_here(sweep, todo)
+                _run_here(sweep, todo, args.threads)
             else:
-                _run_in_workers(sweep, todo, args.jobs)
+                _run_in_workers(sweep, todo, args.jobs, args.threads)
         except SystemExit as error:
             if error.code == SIGTERM_STATUS:
                 finished = sum(read_result(sweep.cell_dir(c)) is not None for c in sweep.cells)
