@@ -123,6 +123,7 @@ class PathSGDCLI(LightningCLI):
 
     @override
     def after_instantiate_classes(self) -> None:
+        super().after_instantiate_classes()
         recorders = [c for c in self.trainer.callbacks if isinstance(c, CellRecorder)]
         if recorders and self.subcommand == "fit":
             config = self.resolved_config()

@@ -84,3 +84,11 @@ def test_printed_commands_run_anywhere_and_collect_assembles_their_cells(tmp_pat
     rows = figure1(out, ["4", "16"], "--collect")
     assert {r["cell"] for r in rows} == {"width00004", "width00016"} and len(rows) == 4
     assert list(elsewhere.iterdir()) == [], "a cell writes only into its folder"
+
+
+def test_cells_that_run_on_several_processes_are_not_given_to_jobs_workers(tmp_path):
+    with pytest.raises(SystemExit) as stop:
+        figure1(tmp_path, ["4", "16"], "--jobs", "2", "--trainer.strategy=ddp", "--trainer.devices=2",
+                "--trainer.accelerator=cpu")
+    assert "the cells run on 2 processes each" in str(stop.value.code) and "--print-commands" in str(stop.value.code)
+    assert not (tmp_path / "cells").exists()

@@ -18,6 +18,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
 from pl_pathsgd.experiments.provenance import identity
@@ -69,6 +70,8 @@ class CellRecorder(Callback):
         """Take the run's resolved config and clear the cell's folder; pl-pathsgd fit calls this after
         building the model, data and trainer and before any of them writes a file."""
         self.config = config
+        if rank_zero_only.rank != 0:  # the other processes of a distributed run leave the folder to rank zero
+            return
         strangers = [e.name for e in self.cell_dir.iterdir() if not any(e.match(p) for p in CELL_ENTRIES)] \
             if self.cell_dir.is_dir() else []
         if strangers:

@@ -99,6 +99,7 @@ class Planned:
     args: list[str]
     state: str
     changes: list[str] = field(default_factory=list)
+    processes: int = 1  # of the cell's trainer (several under DDP)
 
 
 class StopRequested:
@@ -217,14 +218,15 @@ def _cells(args) -> list[grids.Cell]:
 # ------------------------------------------------------------------------------------------- planning
 
 
-def resolve(fit_args: list[str]) -> tuple[dict, Any]:
-    """The resolved config of ``pl-pathsgd fit <fit_args>`` and its (not yet set up) DataModule."""
+def resolve(fit_args: list[str]) -> tuple[dict, Any, int]:
+    """The resolved config of ``pl-pathsgd fit <fit_args>``, its (not yet set up) DataModule and the number
+    of processes its trainer runs on."""
     from pl_pathsgd.cli import make_cli
 
     with _quiet_lightning(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # args= is deliberate
         cli = make_cli(list(fit_args), run=False)
-    return cli.resolved_config(), cli.datamodule
+    return cli.resolved_config(), cli.datamodule, cli.trainer.world_size
 
 
 def plan(sweep: Sweep, rerun_changed: bool = False) -> list[Planned]:
@@ -232,14 +234,14 @@ def plan(sweep: Sweep, rerun_changed: bool = False) -> list[Planned]:
     fingerprints: dict[str, Any] = {}
     planned = []
     for cell in sweep.cells:
-        config, datamodule = resolve(sweep.fit_args(cell))
+        config, datamodule, processes = resolve(sweep.fit_args(cell))
         _check_sweep_settings(sweep, cell, config)
         state, changes = _state(sweep.cell_dir(cell), config, datamodule, fingerprints)
         args = sweep.fit_args(cell, replace=state == "changed" and rerun_changed)
         data_dir = lookup(config, "data.init_args.data_dir")
         if isinstance(data_dir, str) and not Path(data_dir).is_absolute():
             args.append(f"--data.init_args.data_dir={Path(data_dir).resolve()}")  # commands run from anywhere
-        planned.append(Planned(cell, args, state, changes))
+        planned.append(Planned(cell, args, state, changes, processes))
     return planned
 
 
@@ -256,14 +258,14 @@ def _check_sweep_settings(sweep: Sweep, cell: grids.Cell, config: dict) -> None:
 def _state(cell_dir: Path, config: dict, datamodule: Any, fingerprints: dict) -> tuple[str, list[str]]:
     record = read_result(cell_dir)
     if record is None:
-        if (cell_dir / "epochs.json").is_file():  # finished by pl-pathsgd 0.2 or earlier
+        if (cell_dir / "epochs.json").is_file():  # finished by the runner before cells recorded their settings
             return "changed", ["finished by an earlier pl-pathsgd, which did not record the settings it used"]
         return ("partial" if cell_dir.is_dir() and any(cell_dir.iterdir()) else "new"), []
     recorded = dict(record.get("identity") or {})
     recorded["config"] = result_config(recorded.get("config") or {})  # as this version leaves options out
     current = {"config": result_config(config), "versions": versions()}
     if recorded.get("config") == current["config"] and recorded.get("versions") == current["versions"]:
-        current["data"] = _fingerprint(config, datamodule, fingerprints)  # only now: setting up data costs time
+        current["data"] = _data_fingerprint_once(config, datamodule, fingerprints)  # only now: it reads the data
         if recorded.get("data") == current["data"]:
             return "finished", []
     else:
@@ -271,9 +273,9 @@ def _state(cell_dir: Path, config: dict, datamodule: Any, fingerprints: dict) ->
     return "changed", differences(recorded, current)
 
 
-def _fingerprint(config: dict, datamodule: Any, fingerprints: dict) -> Any:
-    """The data fingerprint, computed once per data configuration and seed."""
-    key = json.dumps([config.get("data"), config.get("seed_everything")], sort_keys=True, default=str)
+def _data_fingerprint_once(config: dict, datamodule: Any, fingerprints: dict) -> Any:
+    """The data fingerprint, computed once per data configuration."""
+    key = json.dumps(config.get("data"), sort_keys=True, default=str)
     if key not in fingerprints:
         with _quiet_lightning():
             datamodule.prepare_data()
@@ -334,7 +336,8 @@ def _run_here(sweep: Sweep, todo: list[Planned], threads: int | None) -> None:
         for index, planned in enumerate(todo):
             if stop.requested:
                 break
-            print(f"{sweep.label(planned.cell)} cell {index + 1}/{len(todo)} to run", flush=True)
+            if _rank_zero():
+                print(f"{sweep.label(planned.cell)} cell {index + 1}/{len(todo)} to run", flush=True)
             try:
                 fit_cell(planned.args)
             except SystemExit as error:
@@ -342,7 +345,7 @@ def _run_here(sweep: Sweep, todo: list[Planned], threads: int | None) -> None:
                     raise
                 stop.requested = True
                 break
-            if read_result(sweep.cell_dir(planned.cell)) is None:
+            if _rank_zero() and read_result(sweep.cell_dir(planned.cell)) is None:
                 raise SystemExit(f"{PROG}: error: {sweep.label(planned.cell)} ended without finishing (no "
                                  f"{sweep.cell_dir(planned.cell) / 'cell.json'}); see the messages above")
     if stop.requested:
@@ -402,7 +405,7 @@ def run(argv=None) -> list[dict]:
         planned = plan(sweep, args.rerun_changed)
     _stop_if_changed(sweep, planned, args.rerun_changed)
     for p in planned:
-        if p.state == "finished" and not args.print_commands:
+        if p.state == "finished" and not args.print_commands and _rank_zero():
             print(f"{sweep.label(p.cell)} finished earlier with these settings, reused", flush=True)
     todo = [p for p in planned if p.state != "finished"]
     if args.print_commands:
@@ -415,6 +418,10 @@ def run(argv=None) -> list[dict]:
                              f"({', '.join(p.cell.name for p in todo)}); run them first (this command without "
                              "--collect, or the commands of --print-commands)")
     elif todo:
+        if args.jobs > 1 and any(p.processes > 1 for p in todo):
+            raise SystemExit(f"{PROG}: error: the cells run on {max(p.processes for p in todo)} processes each "
+                             "(a distributed strategy), which --jobs workers cannot host; run them one at a time "
+                             "(--jobs 1) or through --print-commands")
         sweep.out.mkdir(parents=True, exist_ok=True)
         try:
             if args.jobs == 1:
@@ -427,7 +434,17 @@ def run(argv=None) -> list[dict]:
                 print(f"{PROG}: stopped by SIGTERM; {finished} of {len(sweep.cells)} cells are finished and kept in "
                       f"{sweep.out}; run the same command again to go on", flush=True)
             raise
+    if not _rank_zero():
+        # a process that a distributed cell's launcher started by running this command again: it has taken
+        # part in every cell; the tables and figures are rank zero's
+        return []
     return collect(sweep, plots)
+
+
+def _rank_zero() -> bool:
+    from lightning.pytorch.utilities import rank_zero_only
+
+    return rank_zero_only.rank == 0
 
 
 def _plots():
