@@ -381,6 +381,9 @@ def collect(sweep: Sweep, plots) -> list[dict]:
     rows = []
     for cell in sweep.cells:
         record = read_result(sweep.cell_dir(cell))
+        if not record["epochs"]:
+            raise SystemExit(f"{PROG}: error: {sweep.label(cell)} finished without training a single epoch "
+                             "(trainer.max_epochs=0?); a figure needs at least one")
         base = {"figure": sweep.figure, "dataset": sweep.dataset, "cell": cell.name, **cell.meta}
         rows += [{column: {**base, **epoch}.get(column) for column in COLUMNS} for epoch in record["epochs"]]
     out = sweep.out
