@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
+import pickle
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,11 +16,15 @@ import lightning.pytorch as pl
 import torch
 import yaml
 from jsonargparse import DefaultHelpFormatter
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.model_helpers import is_overridden
+from typing_extensions import override
 
 from pl_pathsgd.data import BaseDataModule
+from pl_pathsgd.experiments.cell import CellError, CellRecorder
+from pl_pathsgd.experiments.provenance import lookup, same_value
 from pl_pathsgd.factories import OPTIMIZER_NAMES, as_factory, removed_name_message
 from pl_pathsgd.module import PathSGDClassifier
 
@@ -29,6 +36,11 @@ The model (pl_pathsgd.PathSGDClassifier or a subclass), its optimizer and learni
 pl_pathsgd.data DataModule) are chosen by class_path/init_args in YAML or on the command line; the
 model's input shape and class count come from the DataModule. `predict` returns the predicted class
 of every test example and writes them to predictions.csv in the run's log folder.
+
+One seed drives a run: seed_everything sets the validation split, the training order (the DataModule's
+seed: null) and the initialisation (the model's init_seed: null); pin those to decouple them. With
+--ckpt_path, model options that differ from the checkpoint's are an error naming each one; options
+not given are taken from the checkpoint. SIGTERM stops a run cleanly with exit status 143.
 
   pl-pathsgd fit --config configs/quickstart.yaml
   pl-pathsgd fit --config configs/quickstart.yaml --model.init_args.optimizer=SGD --model.init_args.optimizer.lr=0.1
@@ -69,7 +81,70 @@ class PathSGDCLI(LightningCLI):
             sys.stderr.write("pl-pathsgd: error: options of pl-pathsgd 0.1 that no longer exist:\n"
                              + "".join(f"  - {problem}\n" for problem in problems))
             raise SystemExit(2)
+        self._args = args
         super().parse_arguments(parser, args)
+
+    @override
+    def _parse_ckpt_path(self) -> None:
+        """Take the model options not given from the checkpoint, as LightningCLI does, but refuse options
+        given in a config or on the command line that differ from the checkpoint's (instead of silently
+        replacing them), and say in one line what is wrong with a checkpoint that cannot be read."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or not Path(ckpt_path).is_file():  # "last", "best", ... or missing: Lightning says so
+            return
+        hparams = dict(read_checkpoint(ckpt_path).get("hyper_parameters") or {})
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        conflicts = checkpoint_conflicts(self._given_model_options(subcommand), hparams)
+        if conflicts:
+            _fail(f"--ckpt_path={ckpt_path} was trained with other model options than those given: "
+                  + "; ".join(conflicts) + ". Leave them out (they are read from the checkpoint) or give the "
+                  "checkpoint's values; a different model needs a new run without --ckpt_path")
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
+
+    def _given_model_options(self, subcommand: str) -> dict:
+        """The model options given in config files and on the command line (defaults left out)."""
+        try:
+            given = self.parser.parse_args(self._args, defaults=False)[subcommand].get("model")
+        except (SystemExit, Exception):  # noqa: BLE001 - compare every option, defaults included
+            given = self.config[subcommand].get("model")
+        if given is None:
+            return {}
+        return given.as_dict() if hasattr(given, "as_dict") else dict(given)
+
+    def resolved_config(self) -> dict:
+        """The run's configuration as plain data: every option, defaults included."""
+        config = self.config.get(str(self.subcommand), self.config)
+        return yaml.safe_load(self._parser(self.subcommand).dump(config, skip_none=False, skip_validation=True))
+
+    @override
+    def after_instantiate_classes(self) -> None:
+        super().after_instantiate_classes()
+        recorders = [c for c in self.trainer.callbacks if isinstance(c, CellRecorder)]
+        if recorders and self.subcommand == "fit":
+            config = self.resolved_config()
+            for recorder in recorders:
+                try:
+                    recorder.prepare(config)
+                except CellError as error:
+                    _fail(str(error))
+
+    @override
+    def _run_subcommand(self, subcommand: str) -> None:
+        if subcommand in ("validate", "test", "predict") and not self.config[subcommand].get("ckpt_path"):
+            rank_zero_warn(f"pl-pathsgd {subcommand}: no --ckpt_path given, so this uses the untrained network as "
+                           "initialised; pass --ckpt_path=path/to/checkpoint.ckpt to use a trained one")
+        try:
+            super()._run_subcommand(subcommand)
+        except SIGTERMException:
+            progress = f" at epoch {self.trainer.current_epoch}, step {self.trainer.global_step}" \
+                if subcommand == "fit" else ""
+            rank_zero_warn(f"pl-pathsgd {subcommand}: stopped after SIGTERM{progress}; exit status 143")
+            raise SystemExit(143) from None
 
     def after_fit(self) -> None:
         metrics = self.trainer.callback_metrics
@@ -102,6 +177,99 @@ class PathSGDCLI(LightningCLI):
             writer.writerow(["index", "prediction"])
             writer.writerows(enumerate(classes))
         rank_zero_info(f"Predicted the classes of {len(classes)} test examples: {path}")
+
+
+class SaveRunConfig(SaveConfigCallback):
+    """Saves the run's config in its log folder and never over another run's: where ``config.yaml`` is taken
+    (e.g. two runs with ``--trainer.logger=false`` in one folder) this run's becomes ``config-1.yaml``, ..."""
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not self.already_saved and self.save_to_log_dir and trainer.log_dir is not None:
+            name = _free_name(Path(trainer.log_dir), self.config_filename) if trainer.is_global_zero else None
+            name = trainer.strategy.broadcast(name)
+            if name != self.config_filename:
+                rank_zero_info(f"{Path(trainer.log_dir) / self.config_filename} holds the config of an earlier run; "
+                               f"this run's config is saved as {name}")
+                self.config_filename = name
+        super().setup(trainer, pl_module, stage)
+
+
+def _free_name(folder: Path, name: str) -> str:
+    stem, suffix = Path(name).stem, Path(name).suffix
+    candidate, number = name, 0
+    while (folder / candidate).exists():
+        number += 1
+        candidate = f"{stem}-{number}{suffix}"
+    return candidate
+
+
+def _fail(message: str) -> None:
+    """End the command with a one-line error (the argument parser's exit status)."""
+    sys.stderr.write(f"pl-pathsgd: error: {message}\n")
+    raise SystemExit(2)
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """A checkpoint's content, loaded safely (``weights_only``, tensors memory-mapped); a file that is not a
+    readable checkpoint ends the command with a one-line error naming the file and what to do."""
+    path = Path(path)
+    with path.open("rb") as handle:
+        head = handle.read(4)
+    is_zip = head == b"PK\x03\x04"  # torch.save's format
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+    except Exception as error:  # noqa: BLE001 - every way a file can fail to load gets the message below
+        _fail(f"--ckpt_path={path}: {_why_unreadable(path, is_zip, error)}")
+    if not isinstance(checkpoint, dict):
+        _fail(f"--ckpt_path={path}: holds a {type(checkpoint).__name__}, not a Lightning checkpoint; pass a "
+              ".ckpt file written by Lightning (e.g. the run's checkpoints/last.ckpt)")
+    return checkpoint
+
+
+def _why_unreadable(path: Path, is_zip: bool, error: Exception) -> str:
+    size = path.stat().st_size
+    if size == 0:
+        return "the file is empty; pass a .ckpt file written by Lightning (e.g. the run's checkpoints/last.ckpt)"
+    if is_zip and not isinstance(error, pickle.UnpicklingError):
+        return (f"the checkpoint is incomplete or damaged ({size} bytes, not a whole archive), e.g. a save or copy "
+                "that was cut short; use an intact checkpoint (an earlier one, or copy it again)")
+    unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+    if unsafe:
+        return (f"the checkpoint holds the Python object {unsafe.group(1)}, which is not loaded because loading "
+                "it could run arbitrary code; pass a checkpoint whose contents are tensors and plain data, as "
+                "pl-pathsgd fit writes them")
+    return ("not a PyTorch checkpoint (it was not written by torch.save or Lightning); pass a .ckpt file written by "
+            "Lightning (e.g. the run's checkpoints/last.ckpt)")
+
+
+def checkpoint_conflicts(given: dict, saved: dict) -> list[str]:
+    """``model.init_args.<key> given <value>, checkpoint <value>`` for every model option given (as parsed,
+    ``{"class_path", "init_args"}``) that differs from the checkpoint's hyper-parameters."""
+    conflicts = []
+    if "class_path" in given and "_class_path" in saved and not same_value("class_path", given["class_path"],
+                                                                       saved["_class_path"]):
+        conflicts.append(f"model.class_path given {given['class_path']}, checkpoint {saved['_class_path']}")
+    options = given.get("init_args", {}) if "class_path" in given else given
+    for key, value in _leaves(options or {}):
+        if key.split(".", 1)[0] not in saved:
+            continue  # an option the checkpoint does not record
+        recorded = lookup(saved, key, "(not recorded)")
+        if not same_value(key, value, recorded):
+            conflicts.append(f"model.init_args.{key} given {_show(value)}, checkpoint {_show(recorded)}")
+    return conflicts
+
+
+def _leaves(options: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    if isinstance(options, dict) and options:
+        for key, value in options.items():
+            yield from _leaves(value, f"{prefix}.{key}" if prefix else key)
+    else:
+        yield prefix, options
+
+
+def _show(value: Any) -> str:
+    return json.dumps(value) if not isinstance(value, str) else value
 
 
 def removed_options(args: Any) -> list[str]:
@@ -173,7 +341,7 @@ def make_cli(args=None, run: bool = True) -> PathSGDCLI:
         BaseDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
+        save_config_callback=SaveRunConfig,
         auto_configure_optimizers=False,  # the module builds its own (PathSGD needs the network)
         parser_kwargs={"prog": "pl-pathsgd", "description": DESCRIPTION, "formatter_class": _HelpFormatter},
         run=run,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import os
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, Optional, Union
 
@@ -13,7 +15,6 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 from torch.optim.lr_scheduler import ReduceLROnPlateau as TorchReduceLROnPlateau
-from torchmetrics import MeanMetric
 
 from pl_pathsgd.factories import as_factory, describe
 from pl_pathsgd.models import classifier_network
@@ -28,6 +29,11 @@ LRSchedulerCallable = Union[
     Callable[[Optimizer], ReduceLROnPlateau],
     Callable[[Optimizer], Union[LRScheduler, TorchReduceLROnPlateau]],
 ]
+
+
+def global_seed() -> int:
+    """The seed ``lightning.seed_everything`` set in this process (``PL_GLOBAL_SEED``; 0 if none was set)."""
+    return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
 
 def input_shape_of(example: Any) -> tuple[int, ...] | None:
@@ -129,9 +135,19 @@ class PathSGDClassifier(PathSGDMixin, pl.LightningModule):
 
     The network is built in ``configure_model``, where Lightning's precision applies (``precision="64-true"``
     builds and initialises it in float64); outside a Trainer it is built on first use. ``example_input_array``
-    is a zero batch of one example of ``input_shape``. Logs ``batch/loss`` and ``batch/error`` (running means
-    over the epoch's mini-batches), ``val/loss``, ``val/error``, ``test/loss`` and ``test/error``;
-    ``predict`` returns the predicted class of every example.
+    is a zero batch of one example of ``input_shape``. ``predict`` returns the predicted class of every example.
+
+    Logging costs the training step nothing measurable: ``batch/loss`` (also on the progress bar) and
+    ``batch/error`` of the current mini-batch are logged, as tensors, only at the steps where the trainer
+    writes to its loggers (every ``log_every_n_steps``); nothing is synchronised or accumulated per step.
+    Per-epoch training curves come from :class:`~pl_pathsgd.callbacks.EpochErrorMonitor` (full passes over
+    the training set). ``val/loss``, ``val/error``, ``test/loss`` and ``test/error`` are the means over the
+    whole split, summed as tensors during the loop and reduced across processes once at its end.
+
+    The initialisation follows the run's seed: with ``init_seed=None`` (the default) it uses the seed that
+    ``lightning.seed_everything`` set (``seed_everything`` in pl-pathsgd's configs; 0 if none was set), so
+    two seeds give two initialisations and the same seed the same one; an integer pins it. The seed used
+    is recorded as the hyper-parameter ``init_seed``.
 
     Args:
         input_shape: Shape of one example, e.g. [64] or [1, 8, 8] (pl-pathsgd links it from the DataModule).
@@ -145,7 +161,8 @@ class PathSGDClassifier(PathSGDMixin, pl.LightningModule):
             paper's random node-wise rescaling: same function, same path-norm) or "default" (PyTorch's).
         unbalanced_draws: Units drawn (with replacement) for the unbalanced init; default a quarter of the
             hidden units (2000 for 2x4000).
-        init_seed: Seed of the balanced and unbalanced inits (both draw the same balanced weights).
+        init_seed: Seed of the balanced and unbalanced inits (both draw the same balanced weights); None (the
+            default) follows seed_everything, an integer pins it.
         optimizer: The optimizer, by class (class_path/init_args in YAML): pl_pathsgd.PathSGD (lr, momentum,
             p, ...) or any torch.optim class; PathSGD is bound to the network. Default: PathSGD with lr 0.01.
         lr_scheduler: A learning-rate scheduler by class (class_path/init_args), stepped once per epoch, e.g.
@@ -163,7 +180,7 @@ class PathSGDClassifier(PathSGDMixin, pl.LightningModule):
         dropout: float = 0.0,
         init: Literal["balanced", "unbalanced", "default"] = "balanced",
         unbalanced_draws: Optional[int] = None,
-        init_seed: int = 0,
+        init_seed: Optional[int] = None,
         optimizer: OptimizerCallable = PathSGD,
         lr_scheduler: Optional[LRSchedulerCallable] = None,
         monitor: str = "val/loss",
@@ -171,12 +188,16 @@ class PathSGDClassifier(PathSGDMixin, pl.LightningModule):
         super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler, monitor=monitor)
         if init not in ("balanced", "unbalanced", "default"):
             raise ValueError(f"init must be 'balanced', 'unbalanced' or 'default', got {init!r}")
+        if init_seed is not None and (isinstance(init_seed, bool) or not isinstance(init_seed, int) or init_seed < 0):
+            raise ValueError(f"init_seed must be an integer >= 0, or None to follow seed_everything; got {init_seed!r}")
+        init_seed = global_seed() if init_seed is None else init_seed
         # hyper-parameters as plain data (the optimizer and scheduler as class path and init arguments), so
         # that checkpoints load with weights_only=True and load_from_checkpoint rebuilds the same ones
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.input_shape = tuple(int(s) for s in input_shape)
         self.save_hyperparameters({"input_shape": list(self.input_shape), "hidden": list(hidden),
-                                   "channels": list(channels), "optimizer": describe(self.optimizer_factory),
+                                   "channels": list(channels), "init_seed": init_seed,
+                                   "optimizer": describe(self.optimizer_factory),
                                    "lr_scheduler": describe(self.lr_scheduler_factory)})
         self._network_options = dict(kind=network, input_shape=self.input_shape, num_classes=num_classes,
                                      hidden=list(hidden), channels=list(channels), dropout=dropout)
@@ -185,9 +206,16 @@ class PathSGDClassifier(PathSGDMixin, pl.LightningModule):
         self._init = (init, unbalanced_draws, init_seed)
         self.network: nn.Module | None = None
         self.example_input_array = torch.zeros(1, *self.input_shape)
-        self.batch_loss, self.batch_error = MeanMetric(), MeanMetric()
-        self.val_loss, self.val_error = MeanMetric(), MeanMetric()
-        self.test_loss, self.test_error = MeanMetric(), MeanMetric()
+        self._split_sums: dict[str, Tensor] = {}  # split -> [summed loss, errors, examples]
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # The Trainer sets ``_current_fx_name`` twice for every hook it calls, some forty times a step;
+        # through nn.Module.__setattr__ that alone costs a tenth of a millisecond per step, as much as a
+        # small network's whole update. It is a plain attribute (never a parameter, buffer or submodule).
+        if name == "_current_fx_name":
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
 
     def configure_model(self) -> None:
         """Build and initialise the network (once), in the dtype and on the device Lightning sets up."""
@@ -212,36 +240,72 @@ class PathSGDClassifier(PathSGDMixin, pl.LightningModule):
     def forward(self, x: Tensor) -> Tensor:
         return self.path_network(x)
 
-    def _evaluate(self, batch) -> tuple[Tensor, Tensor, Tensor]:
+    def training_step(self, batch, batch_idx: int) -> Tensor:
         x, y = batch
         logits = self(x)
-        losses = F.cross_entropy(logits, y, reduction="none")
-        errors = (logits.argmax(dim=1) != y).float()
-        return losses.mean(), losses, errors
-
-    def training_step(self, batch, batch_idx: int) -> Tensor:
-        loss, losses, errors = self._evaluate(batch)
-        self.batch_loss(losses)
-        self.batch_error(errors)
-        self.log("batch/loss", self.batch_loss, on_step=True, on_epoch=True, prog_bar=True)
-        self.log("batch/error", self.batch_error, on_step=True, on_epoch=True)
+        loss = F.cross_entropy(logits, y)
+        if self._logs_this_step():
+            with torch.no_grad():
+                error = (logits.argmax(dim=1) != y).to(loss.dtype).mean()
+            self.log("batch/loss", loss.detach(), prog_bar=True, batch_size=len(y))
+            self.log("batch/error", error, batch_size=len(y))
         return loss
 
+    def _logs_this_step(self) -> bool:
+        """Whether the trainer writes this training step's logged values (Lightning's log_every_n_steps rule)."""
+        trainer = self._trainer
+        if trainer is None:
+            return False
+        try:
+            return bool(trainer._logger_connector.should_update_logs)
+        except AttributeError:  # a Lightning without that connector: the documented rule
+            every = trainer.log_every_n_steps
+            return every > 0 and (trainer.global_step + 1) % every == 0
+
+    def _add_to_split(self, split: str, batch) -> None:
+        x, y = batch
+        with torch.no_grad():
+            logits = self(x)
+            loss = F.cross_entropy(logits, y, reduction="sum")
+            dtype = torch.promote_types(loss.dtype, torch.float32)
+            errors = (logits.argmax(dim=1) != y).sum()
+            sums = torch.stack([loss.to(dtype), errors.to(dtype), torch.tensor(len(y), dtype=dtype, device=loss.device)])
+        self._split_sums[split] = sums if split not in self._split_sums else self._split_sums[split] + sums
+
+    def _log_split(self, split: str) -> None:
+        sums = self._split_sums.pop(split, None)
+        if sums is None:
+            return
+        sums = self.trainer.strategy.reduce(sums, reduce_op="sum")  # one reduction per loop, across processes
+        count = sums[2].clamp(min=1)
+        # already reduced, so the values agree on every process; sync_dist only tells Lightning so
+        self.log(f"{split}/loss", (sums[0] / count).float(), sync_dist=True, prog_bar=False)
+        self.log(f"{split}/error", (sums[1] / count).float(), sync_dist=True, prog_bar=split == "val")
+
     def validation_step(self, batch, batch_idx: int) -> None:
-        _, losses, errors = self._evaluate(batch)
-        self.val_loss(losses)
-        self.val_error(errors)
-        self.log("val/loss", self.val_loss, on_epoch=True)
-        self.log("val/error", self.val_error, on_epoch=True, prog_bar=True)
+        self._add_to_split("val", batch)
+
+    def on_validation_epoch_start(self) -> None:
+        self._split_sums.pop("val", None)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_split("val")
 
     def test_step(self, batch, batch_idx: int) -> None:
-        _, losses, errors = self._evaluate(batch)
-        self.test_loss(losses)
-        self.test_error(errors)
-        self.log("test/loss", self.test_loss, on_epoch=True)
-        self.log("test/error", self.test_error, on_epoch=True)
+        self._add_to_split("test", batch)
+
+    def on_test_epoch_start(self) -> None:
+        self._split_sums.pop("test", None)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_split("test")
 
     def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         """The predicted class of every example of the batch (``batch`` or ``(x, y)``)."""
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         return self(x).argmax(dim=1)
+
+
+# Lightning looks at training_step's signature at every step (does it take batch_idx?); a recorded
+# signature makes that a lookup instead of an inspection.
+PathSGDClassifier.training_step.__signature__ = inspect.signature(PathSGDClassifier.training_step)

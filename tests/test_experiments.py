@@ -25,10 +25,10 @@ def test_smoke_run_reproduces_the_claims(tmp_path, figure, capsys):
     printed = capsys.readouterr().out
     assert "epoch 1/" in printed and "min left" in printed  # progress is visible
 
-    # resumable: a second run skips every finished cell and gives the same table
+    # resumable: a second run reuses every finished cell (same settings) and gives the same table
     again = run([figure, "--smoke", "--out", str(tmp_path)])
     assert again == rows
-    assert "finished earlier, skipped" in capsys.readouterr().out
+    assert capsys.readouterr().out.count("finished earlier with these settings, reused") == len({r["cell"] for r in rows})
 
 
 def test_runner_rejects_bad_requests(tmp_path):

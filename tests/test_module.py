@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import functools
 import math
 import subprocess
@@ -12,6 +13,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+import torchmetrics
 import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
@@ -290,18 +292,38 @@ def test_classifier_conv_and_dropout_variants():
 
 def test_classifier_trains_logs_and_predicts(tmp_path):
     module = PathSGDClassifier(input_shape=(6,), num_classes=3, hidden=[16], optimizer=functools.partial(P.PathSGD, lr=0.05))
-    run = trainer(tmp_path, max_epochs=2, logger=CSVLogger(tmp_path, name="csv"), log_every_n_steps=1)
-    loaders = tiny_loaders()
+    run = trainer(tmp_path, max_epochs=2, logger=CSVLogger(tmp_path, name="csv"), log_every_n_steps=3)
+    loaders = tiny_loaders()  # 4 batches an epoch, 8 steps
     run.fit(module, loaders, loaders)
-    for key in ("batch/loss_epoch", "batch/error_epoch", "val/loss", "val/error"):
-        assert key in run.callback_metrics, key
-    run.test(module, loaders, verbose=False)
     x, y = loaders.dataset.tensors
     with torch.no_grad():
-        expected = module(x).argmax(1)
+        logits = module(x)
+    expected = logits.argmax(1)
+    # validation ran after the last epoch, with these weights: means over the whole split
+    assert float(run.callback_metrics["val/error"]) == pytest.approx(float((expected != y).float().mean()))
+    assert float(run.callback_metrics["val/loss"]) == pytest.approx(float(F.cross_entropy(logits, y)), rel=1e-5)
+    rows = list(csv.DictReader((Path(run.logger.log_dir) / "metrics.csv").open()))
+    logged = [r for r in rows if r.get("batch/loss")]
+    assert len(logged) == 2, "the mini-batch loss is logged at the logging steps only (steps 3 and 6 of 8)"
+    assert all(float(r["batch/loss"]) > 0 and 0 <= float(r["batch/error"]) <= 1 for r in logged)
+    assert "batch/loss_epoch" not in run.callback_metrics  # no per-step accumulation
+    run.test(module, loaders, verbose=False)
     assert float(run.callback_metrics["test/error"]) == pytest.approx(float((expected != y).float().mean()))
     predictions = torch.cat(run.predict(module, loaders))
     assert predictions.dtype == torch.int64 and torch.equal(predictions, expected)
+
+
+def test_training_step_logs_nothing_between_logging_steps(tmp_path, monkeypatch):
+    """The hot path: between logging steps the classifier calls neither self.log nor any metric."""
+    calls = []
+    original = PathSGDClassifier.log
+    monkeypatch.setattr(PathSGDClassifier, "log", lambda self, name, *a, **k: (calls.append(name), original(self, name, *a, **k)))
+    module = PathSGDClassifier(input_shape=(6,), num_classes=3, hidden=[8], optimizer=functools.partial(torch.optim.SGD, lr=0.1))
+    run = trainer(tmp_path, max_epochs=1, logger=CSVLogger(tmp_path, name="csv"), log_every_n_steps=50,
+                  limit_val_batches=0)
+    run.fit(module, tiny_loaders())
+    assert calls == []  # 4 steps, none of them a logging step
+    assert not any(isinstance(m, torchmetrics.Metric) for m in module.modules())
 
 
 def test_classifier_records_the_optimizer_it_used_as_plain_data(tmp_path):

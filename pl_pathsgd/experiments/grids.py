@@ -22,13 +22,25 @@ DEFAULT_ALPHAS = (1, 2, 3, 4)  # step sizes 10^-alpha
 SMOKE_ALPHAS = {"pathsgd": (1,), "sgd": (1, 2), "adagrad": (2,)}  # step sizes 10^-alpha for smoke runs
 
 
+#: per figure, the options its runner sweeps (as written without ``init_args``) and the runner option that
+#: sets them instead; an override of one of them would replace the sweep, so it is refused
+SWEPT = {
+    "figure1": {"model.hidden": "--widths"},
+    "figure2": {"model.init": "nothing: figure2 compares the balanced and the unbalanced init"},
+    "figure3": {"model.optimizer": "--methods and --alphas", "model.optimizer.class_path": "--methods",
+                "model.optimizer.lr": "--alphas", "model.init": "--inits", "model.dropout": "--dropout"},
+}
+
+
 @dataclass(frozen=True)
 class Cell:
-    """One run: a name (its folder), the CLI overrides that define it, and what it stands for in the figure."""
+    """One run: a name (its folder), the CLI overrides that define it, what it stands for in the figure,
+    and the resolved values (dotted keys of the config) that its overrides set."""
 
     name: str
     args: tuple[str, ...]
     meta: dict = field(default_factory=dict, hash=False, compare=False)
+    sets: dict = field(default_factory=dict, hash=False, compare=False)
 
 
 def config_path(figure: str, dataset: str, smoke: bool, root: Path | None = None) -> Path:
@@ -51,16 +63,29 @@ def _configs_root(root: Path | None) -> Path:
     return configs.root()
 
 
+def swept_override(figure: str, option: str) -> tuple[str, str] | None:
+    """``(swept key, runner option to use instead)`` if the command-line ``option`` (``--model.init_args.hidden=...``)
+    sets a key that ``figure`` sweeps, else None."""
+    name = option[2:].split("=", 1)[0].rstrip("+") if option.startswith("--") else ""
+    path = ".".join(part for part in name.split(".") if part != "init_args")
+    for key, instead in SWEPT[figure].items():
+        if path == key or (path.startswith(key + ".") and key != "model.optimizer"):
+            return key, instead
+    return None
+
+
 def _arg(key: str, value) -> str:
     return f"--{key}={value if isinstance(value, str) else json.dumps(value)}"
 
 
 def figure1_cells(widths) -> list[Cell]:
-    return [Cell(f"width{w:05d}", (_arg("model.init_args.hidden", [w]),), {"width": w}) for w in widths]
+    return [Cell(f"width{w:05d}", (_arg("model.init_args.hidden", [w]),), {"width": w},
+                 {"model.init_args.hidden": [w]}) for w in widths]
 
 
 def figure2_cells() -> list[Cell]:
-    return [Cell(init, (_arg("model.init_args.init", init),), {"method": "sgd", "init": init}) for init in INITS]
+    return [Cell(init, (_arg("model.init_args.init", init),), {"method": "sgd", "init": init},
+                 {"model.init_args.init": init}) for init in INITS]
 
 
 def figure3_cells(methods, inits, alphas: dict[str, tuple[int, ...]], dropout: float) -> list[Cell]:
@@ -73,5 +98,8 @@ def figure3_cells(methods, inits, alphas: dict[str, tuple[int, ...]], dropout: f
                 args = (_arg("model.init_args.optimizer", optimizer), _arg("model.init_args.init", init),
                         _arg("model.init_args.dropout", dropout))
                 meta = {"method": method, "init": init, "alpha": alpha, "lr": lr, "dropout": dropout}
-                cells.append(Cell(f"{method}-{init}-lr1e-{alpha}", args, meta))
+                sets = {"model.init_args.optimizer.class_path": OPTIMIZERS[method],
+                        "model.init_args.optimizer.init_args.lr": lr, "model.init_args.init": init,
+                        "model.init_args.dropout": dropout}
+                cells.append(Cell(f"{method}-{init}-lr1e-{alpha}", args, meta, sets))
     return cells
