@@ -2,4 +2,5 @@
 
 from pl_pathsgd.cli import main
 
-main()
+if __name__ == "__main__":
+    main()

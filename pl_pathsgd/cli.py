@@ -22,19 +22,20 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
-from pl_pathsgd.data import BaseDataModule
+from pl_pathsgd.data import BaseDataModule, DataError
 from pl_pathsgd.experiments.cell import CellError, CellRecorder
 from pl_pathsgd.experiments.provenance import lookup, same_value
 from pl_pathsgd.factories import OPTIMIZER_NAMES, as_factory, removed_name_message
-from pl_pathsgd.module import PathSGDClassifier
+from pl_pathsgd.module import PathSGDClassifier, SequenceRegressor
 
 DESCRIPTION = """\
 Train, evaluate and apply the Path-SGD paper's ReLU networks with PyTorch Lightning.
 
-The model (pl_pathsgd.PathSGDClassifier or a subclass), its optimizer and learning-rate scheduler
+The model (pl_pathsgd.PathSGDClassifier, pl_pathsgd.module.SequenceRegressor for sequences, or any
+LightningModule), its optimizer and learning-rate scheduler
 (any torch.optim class, pl_pathsgd.PathSGD, pl_pathsgd.PaperSchedule, ...) and the data (a
 pl_pathsgd.data DataModule) are chosen by class_path/init_args in YAML or on the command line; the
-model's input shape and class count come from the DataModule. `predict` returns the predicted class
+model's input shape and class (or output) count come from the DataModule. `predict` returns the predicted class
 of every test example and writes them to predictions.csv in the run's log folder.
 
 One seed drives a run: seed_everything sets the validation split, the training order (the DataModule's
@@ -43,7 +44,10 @@ seed: null) and the initialisation (the model's init_seed: null); pin those to d
 not given are taken from the checkpoint. SIGTERM stops a run cleanly with exit status 143.
 
   pl-pathsgd fit --config configs/quickstart.yaml
+  pl-pathsgd fit --config quickstart          a config that comes with the package, by name
+  pl-pathsgd configs list                     the packaged configs (configs show NAME, configs copy NAME FILE)
   pl-pathsgd fit --config configs/quickstart.yaml --model.init_args.optimizer=SGD --model.init_args.optimizer.lr=0.1
+  pl-pathsgd fit --config rnn/addition        a ReLU RNN on the addition problem (SequenceRegressor)
   pl-pathsgd fit --help                      every option, with its help
   pl-pathsgd fit --model.help PathSGDClassifier
 """
@@ -69,11 +73,26 @@ class _HelpFormatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter)
 
 
 class PathSGDCLI(LightningCLI):
-    """LightningCLI whose model input shape and class count come from the chosen DataModule."""
+    """LightningCLI whose model input shape and output count come from the chosen DataModule."""
 
     def add_arguments_to_parser(self, parser) -> None:
+        # a link whose source or target the chosen classes lack is skipped: the checks below name the mismatch
         parser.link_arguments("data.input_shape", "model.init_args.input_shape", apply_on="instantiate")
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.num_outputs", "model.init_args.num_outputs", apply_on="instantiate")
+
+    @override
+    def instantiate_classes(self) -> None:
+        """Build the classes; a DataModule argument that is out of range is one line naming the option."""
+        try:
+            super().instantiate_classes()
+        except Exception as error:
+            cause = _data_error(error)
+            if cause is None:
+                raise
+            option = f"--data.init_args.{cause.argument}" if getattr(cause, "argument", None) else "--data"
+            _fail(f"{option}: {cause}")
+        _check_task(self.model, self.datamodule)
 
     def parse_arguments(self, parser, args) -> None:
         problems = removed_options(sys.argv[1:] if args is None else args)
@@ -193,6 +212,28 @@ class SaveRunConfig(SaveConfigCallback):
                                f"this run's config is saved as {name}")
                 self.config_filename = name
         super().setup(trainer, pl_module, stage)
+
+
+def _data_error(error: BaseException) -> DataError | None:
+    """The DataModule's own error behind one raised while the classes were built, if any."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, DataError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _check_task(model: pl.LightningModule, datamodule: Any) -> None:
+    """A classifier needs class labels and a regressor values: say so before any work, not at the first loss."""
+    classes = getattr(datamodule, "num_classes", None)
+    if isinstance(model, PathSGDClassifier) and classes is None:
+        _fail(f"{type(datamodule).__name__} has no classes (a regression task): use "
+              "--model=pl_pathsgd.module.SequenceRegressor, or a classification DataModule for PathSGDClassifier")
+    if isinstance(model, SequenceRegressor) and classes is not None:
+        _fail(f"{type(datamodule).__name__} is a classification task ({classes} classes): SequenceRegressor fits "
+              "values, e.g. pl_pathsgd.data.AdditionDataModule; use PathSGDClassifier for classes")
 
 
 def _free_name(folder: Path, name: str) -> str:
@@ -337,7 +378,7 @@ def _model_sections(config: Any) -> Iterator[dict]:
 def make_cli(args=None, run: bool = True) -> PathSGDCLI:
     """The ``pl-pathsgd`` CLI; with ``run=False`` it only builds the model, data and trainer."""
     return PathSGDCLI(
-        PathSGDClassifier,
+        pl.LightningModule,  # the package's PathSGDClassifier or SequenceRegressor, or any LightningModule
         BaseDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,

@@ -6,6 +6,7 @@ import math
 from collections.abc import Sequence
 from typing import Literal
 
+import torch
 from torch import nn
 
 
@@ -72,3 +73,37 @@ def classifier_network(kind: Literal["mlp", "conv"], input_shape: Sequence[int],
                              "set the DataModule's flatten: false")
         return ConvNet(shape[0], num_classes, list(channels))
     raise ValueError(f"network must be 'mlp' or 'conv', got {kind!r}")
+
+
+class RecurrentRegressor(nn.Module):
+    """A ReLU RNN read out at the last step: ``nn.RNN(nonlinearity="relu", batch_first=True)`` then a Linear layer.
+
+    Takes sequences of shape ``(T, features)`` per example and returns ``num_outputs`` values.
+    ``init="identity"`` starts the recurrence at the identity (recurrent weights I, input weights
+    N(0, 0.001^2), biases 0; Le, Jaitly and Hinton 2015), which lets a ReLU RNN carry a value across
+    many steps from the start; ``"default"`` keeps PyTorch's initialisation.
+    """
+
+    def __init__(self, features: int, hidden: int = 100, num_outputs: int = 1, layers: int = 1,
+                 init: Literal["default", "identity"] = "identity"):
+        if features < 1 or hidden < 1 or num_outputs < 1 or layers < 1:
+            raise ValueError(f"RecurrentRegressor sizes must be positive: features={features}, hidden={hidden}, "
+                             f"num_outputs={num_outputs}, layers={layers}")
+        if init not in ("default", "identity"):
+            raise ValueError(f"init must be 'default' or 'identity', got {init!r}")
+        super().__init__()
+        self.rnn = nn.RNN(features, hidden, num_layers=layers, nonlinearity="relu", batch_first=True)
+        self.readout = nn.Linear(hidden, num_outputs)
+        if init == "identity":
+            with torch.no_grad():
+                for name, parameter in self.rnn.named_parameters():
+                    if name.startswith("weight_hh"):
+                        parameter.copy_(torch.eye(hidden))
+                    elif name.startswith("weight_ih"):
+                        parameter.normal_(0.0, 1e-3)
+                    else:
+                        parameter.zero_()
+
+    def forward(self, x):
+        states, _ = self.rnn(x)
+        return self.readout(states[:, -1])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import os
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, Optional, Union
 
@@ -17,10 +16,11 @@ from torch.optim.lr_scheduler import LRScheduler
 from torch.optim.lr_scheduler import ReduceLROnPlateau as TorchReduceLROnPlateau
 
 from pl_pathsgd.factories import as_factory, describe
-from pl_pathsgd.models import classifier_network
+from pl_pathsgd.models import RecurrentRegressor, classifier_network
 from pl_pathsgd.optim import PathSGD
 from pl_pathsgd.paths import balanced_init_, unbalanced_init_
 from pl_pathsgd.schedules import ReduceLROnPlateau
+from pl_pathsgd.seeding import global_seed
 
 #: LightningCLI's ``LRSchedulerCallable`` (a callable taking the optimizer and returning a scheduler), with
 #: :class:`pl_pathsgd.schedules.ReduceLROnPlateau` tried first: the short name ``ReduceLROnPlateau`` would
@@ -29,11 +29,6 @@ LRSchedulerCallable = Union[
     Callable[[Optimizer], ReduceLROnPlateau],
     Callable[[Optimizer], Union[LRScheduler, TorchReduceLROnPlateau]],
 ]
-
-
-def global_seed() -> int:
-    """The seed ``lightning.seed_everything`` set in this process (``PL_GLOBAL_SEED``; 0 if none was set)."""
-    return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
 
 def input_shape_of(example: Any) -> tuple[int, ...] | None:
@@ -129,7 +124,100 @@ class PathSGDMixin:
         return super().on_train_batch_start(batch, batch_idx)  # type: ignore[misc]
 
 
-class PathSGDClassifier(PathSGDMixin, pl.LightningModule):
+class _SupervisedModule(PathSGDMixin, pl.LightningModule):
+    """What the package's ready modules share: the network built in ``configure_model`` (where Lightning's
+    precision applies), logging that costs the training step nothing measurable, and per-split means summed
+    as tensors and reduced once per loop.  Subclasses give ``_build_network`` and ``_split_statistics``."""
+
+    def __init__(self, input_shape: Sequence[int], optimizer: OptimizerCallable, lr_scheduler, monitor: str):
+        super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler, monitor=monitor)
+        self.input_shape = tuple(int(s) for s in input_shape)
+        self.network: nn.Module | None = None
+        self.example_input_array = torch.zeros(1, *self.input_shape)
+        self._split_sums: dict[str, Tensor] = {}  # split -> sums of the split's statistics
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # The Trainer sets ``_current_fx_name`` twice for every hook it calls, some forty times a step;
+        # through nn.Module.__setattr__ that alone costs a tenth of a millisecond per step, as much as a
+        # small network's whole update. It is a plain attribute (never a parameter, buffer or submodule).
+        if name == "_current_fx_name":
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def _build_network(self) -> nn.Module:
+        raise NotImplementedError
+
+    def configure_model(self) -> None:
+        """Build and initialise the network (once), in the dtype and on the device Lightning sets up."""
+        if self.network is not None:
+            return
+        self.network = self._build_network()
+        # in the network's dtype: Lightning's model summary feeds it to forward as it is
+        self.example_input_array = torch.zeros(1, *self.input_shape, dtype=next(self.network.parameters()).dtype)
+
+    @property
+    def path_network(self) -> nn.Module:
+        if self.network is None:
+            self.configure_model()
+        return self.network
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.path_network(x)
+
+    def _logs_this_step(self) -> bool:
+        """Whether the trainer writes this training step's logged values (Lightning's log_every_n_steps rule)."""
+        trainer = self._trainer
+        if trainer is None:
+            return False
+        try:
+            return bool(trainer._logger_connector.should_update_logs)
+        except AttributeError:  # a Lightning without that connector: the documented rule
+            every = trainer.log_every_n_steps
+            return every > 0 and (trainer.global_step + 1) % every == 0
+
+    def _add_to_split(self, split: str, batch) -> None:
+        with torch.no_grad():
+            sums = self._split_statistics(batch)
+        self._split_sums[split] = sums if split not in self._split_sums else self._split_sums[split] + sums
+
+    def _split_statistics(self, batch) -> Tensor:
+        """Sums of the per-example statistics the split logs, and the example count last."""
+        raise NotImplementedError
+
+    def _log_split(self, split: str) -> None:
+        sums = self._split_sums.pop(split, None)
+        if sums is None:
+            return
+        sums = self.trainer.strategy.reduce(sums, reduce_op="sum")  # one reduction per loop, across processes
+        count = sums[-1].clamp(min=1)
+        # already reduced, so the values agree on every process; sync_dist only tells Lightning so
+        for name, total in zip(self._split_names, sums[:-1]):
+            self.log(f"{split}/{name}", (total / count).float(), sync_dist=True,
+                     prog_bar=split == "val" and name == self._split_names[-1])
+
+    _split_names: tuple[str, ...] = ("loss",)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._add_to_split("val", batch)
+
+    def on_validation_epoch_start(self) -> None:
+        self._split_sums.pop("val", None)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_split("val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._add_to_split("test", batch)
+
+    def on_test_epoch_start(self) -> None:
+        self._split_sums.pop("test", None)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_split("test")
+
+
+class PathSGDClassifier(_SupervisedModule):
     """The paper's classifiers as a LightningModule: feed-forward ReLU nets or a small conv net trained on
     cross-entropy with any optimizer (Path-SGD by default).
 
@@ -185,7 +273,7 @@ class PathSGDClassifier(PathSGDMixin, pl.LightningModule):
         lr_scheduler: Optional[LRSchedulerCallable] = None,
         monitor: str = "val/loss",
     ):
-        super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler, monitor=monitor)
+        super().__init__(input_shape, optimizer, lr_scheduler, monitor)
         if init not in ("balanced", "unbalanced", "default"):
             raise ValueError(f"init must be 'balanced', 'unbalanced' or 'default', got {init!r}")
         if init_seed is not None and (isinstance(init_seed, bool) or not isinstance(init_seed, int) or init_seed < 0):
@@ -194,7 +282,6 @@ class PathSGDClassifier(PathSGDMixin, pl.LightningModule):
         # hyper-parameters as plain data (the optimizer and scheduler as class path and init arguments), so
         # that checkpoints load with weights_only=True and load_from_checkpoint rebuilds the same ones
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
-        self.input_shape = tuple(int(s) for s in input_shape)
         self.save_hyperparameters({"input_shape": list(self.input_shape), "hidden": list(hidden),
                                    "channels": list(channels), "init_seed": init_seed,
                                    "optimizer": describe(self.optimizer_factory),
@@ -204,41 +291,15 @@ class PathSGDClassifier(PathSGDMixin, pl.LightningModule):
         with torch.device("meta"):  # checks the options now, before any data is loaded; costs nothing
             classifier_network(**self._network_options)
         self._init = (init, unbalanced_draws, init_seed)
-        self.network: nn.Module | None = None
-        self.example_input_array = torch.zeros(1, *self.input_shape)
-        self._split_sums: dict[str, Tensor] = {}  # split -> [summed loss, errors, examples]
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        # The Trainer sets ``_current_fx_name`` twice for every hook it calls, some forty times a step;
-        # through nn.Module.__setattr__ that alone costs a tenth of a millisecond per step, as much as a
-        # small network's whole update. It is a plain attribute (never a parameter, buffer or submodule).
-        if name == "_current_fx_name":
-            object.__setattr__(self, name, value)
-        else:
-            super().__setattr__(name, value)
-
-    def configure_model(self) -> None:
-        """Build and initialise the network (once), in the dtype and on the device Lightning sets up."""
-        if self.network is not None:
-            return
+    def _build_network(self) -> nn.Module:
         network = classifier_network(**self._network_options)
         init, draws, seed = self._init
         if init != "default":
             balanced_init_(network, seed=seed)
         if init == "unbalanced":
             unbalanced_init_(network, num_draws=draws, seed=seed + 1, input_shape=self.input_shape)
-        self.network = network
-        # in the network's dtype: Lightning's model summary feeds it to forward as it is
-        self.example_input_array = torch.zeros(1, *self.input_shape, dtype=next(network.parameters()).dtype)
-
-    @property
-    def path_network(self) -> nn.Module:
-        if self.network is None:
-            self.configure_model()
-        return self.network
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.path_network(x)
+        return network
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
         x, y = batch
@@ -251,54 +312,15 @@ class PathSGDClassifier(PathSGDMixin, pl.LightningModule):
             self.log("batch/error", error, batch_size=len(y))
         return loss
 
-    def _logs_this_step(self) -> bool:
-        """Whether the trainer writes this training step's logged values (Lightning's log_every_n_steps rule)."""
-        trainer = self._trainer
-        if trainer is None:
-            return False
-        try:
-            return bool(trainer._logger_connector.should_update_logs)
-        except AttributeError:  # a Lightning without that connector: the documented rule
-            every = trainer.log_every_n_steps
-            return every > 0 and (trainer.global_step + 1) % every == 0
+    _split_names = ("loss", "error")
 
-    def _add_to_split(self, split: str, batch) -> None:
+    def _split_statistics(self, batch) -> Tensor:
         x, y = batch
-        with torch.no_grad():
-            logits = self(x)
-            loss = F.cross_entropy(logits, y, reduction="sum")
-            dtype = torch.promote_types(loss.dtype, torch.float32)
-            errors = (logits.argmax(dim=1) != y).sum()
-            sums = torch.stack([loss.to(dtype), errors.to(dtype), torch.tensor(len(y), dtype=dtype, device=loss.device)])
-        self._split_sums[split] = sums if split not in self._split_sums else self._split_sums[split] + sums
-
-    def _log_split(self, split: str) -> None:
-        sums = self._split_sums.pop(split, None)
-        if sums is None:
-            return
-        sums = self.trainer.strategy.reduce(sums, reduce_op="sum")  # one reduction per loop, across processes
-        count = sums[2].clamp(min=1)
-        # already reduced, so the values agree on every process; sync_dist only tells Lightning so
-        self.log(f"{split}/loss", (sums[0] / count).float(), sync_dist=True, prog_bar=False)
-        self.log(f"{split}/error", (sums[1] / count).float(), sync_dist=True, prog_bar=split == "val")
-
-    def validation_step(self, batch, batch_idx: int) -> None:
-        self._add_to_split("val", batch)
-
-    def on_validation_epoch_start(self) -> None:
-        self._split_sums.pop("val", None)
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_split("val")
-
-    def test_step(self, batch, batch_idx: int) -> None:
-        self._add_to_split("test", batch)
-
-    def on_test_epoch_start(self) -> None:
-        self._split_sums.pop("test", None)
-
-    def on_test_epoch_end(self) -> None:
-        self._log_split("test")
+        logits = self(x)
+        loss = F.cross_entropy(logits, y, reduction="sum")
+        dtype = torch.promote_types(loss.dtype, torch.float32)
+        errors = (logits.argmax(dim=1) != y).sum()
+        return torch.stack([loss.to(dtype), errors.to(dtype), torch.tensor(len(y), dtype=dtype, device=loss.device)])
 
     def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         """The predicted class of every example of the batch (``batch`` or ``(x, y)``)."""
@@ -309,3 +331,82 @@ class PathSGDClassifier(PathSGDMixin, pl.LightningModule):
 # Lightning looks at training_step's signature at every step (does it take batch_idx?); a recorded
 # signature makes that a lookup instead of an inspection.
 PathSGDClassifier.training_step.__signature__ = inspect.signature(PathSGDClassifier.training_step)
+
+
+class SequenceRegressor(_SupervisedModule):
+    """A ReLU recurrent network for sequence regression (e.g. the addition problem), trained on the mean
+    squared error with any optimizer (Path-SGD by default, with ``recurrent="kappa1"`` or ``"exact"``).
+
+    The network is :class:`~pl_pathsgd.models.RecurrentRegressor`: ``nn.RNN(nonlinearity="relu")`` read out
+    at the last step by a Linear layer. It logs ``batch/mse`` at the trainer's logging steps and ``val/mse``,
+    ``test/mse`` (means over the whole split) after each validation and test loop.
+
+    Args:
+        input_shape: Shape of one sequence, (steps, features) (pl-pathsgd links it from the DataModule).
+        num_outputs: Number of values predicted per sequence (pl-pathsgd links it from the DataModule).
+        hidden: Hidden units of each recurrent layer.
+        layers: Number of recurrent layers.
+        init: "identity" (recurrent weights I, input weights N(0, 0.001^2), biases 0) or "default" (PyTorch's).
+        init_seed: Seed of the initialisation; None (the default) follows seed_everything.
+        optimizer: The optimizer, by class (class_path/init_args in YAML): pl_pathsgd.PathSGD (lr, momentum,
+            recurrent, ...) or any torch.optim class. Default: PathSGD with lr 0.01.
+        lr_scheduler: A learning-rate scheduler by class (class_path/init_args), stepped once per epoch.
+        monitor: The logged metric that a ReduceLROnPlateau scheduler follows unless it names its own.
+    """
+
+    _split_names = ("mse",)
+
+    def __init__(
+        self,
+        input_shape: Sequence[int] = (100, 2),
+        num_outputs: int = 1,
+        hidden: int = 100,
+        layers: int = 1,
+        init: Literal["identity", "default"] = "identity",
+        init_seed: Optional[int] = None,
+        optimizer: OptimizerCallable = PathSGD,
+        lr_scheduler: Optional[LRSchedulerCallable] = None,
+        monitor: str = "val/mse",
+    ):
+        super().__init__(input_shape, optimizer, lr_scheduler, monitor)
+        if len(self.input_shape) != 2:
+            raise ValueError(f"SequenceRegressor takes sequences: input_shape must be (steps, features), got "
+                             f"{list(self.input_shape)}")
+        if init_seed is not None and (isinstance(init_seed, bool) or not isinstance(init_seed, int) or init_seed < 0):
+            raise ValueError(f"init_seed must be an integer >= 0, or None to follow seed_everything; got {init_seed!r}")
+        init_seed = global_seed() if init_seed is None else init_seed
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.save_hyperparameters({"input_shape": list(self.input_shape), "init_seed": init_seed,
+                                   "optimizer": describe(self.optimizer_factory),
+                                   "lr_scheduler": describe(self.lr_scheduler_factory)})
+        self._options = dict(features=self.input_shape[1], hidden=hidden, num_outputs=num_outputs, layers=layers,
+                             init=init)
+        with torch.device("meta"):  # checks the options now, before any data is loaded
+            RecurrentRegressor(**self._options)
+        self._init_seed = init_seed
+
+    def _build_network(self) -> nn.Module:
+        with torch.random.fork_rng(devices=[]):  # the initialisation draws from its own seed, not the run's
+            torch.manual_seed(self._init_seed)
+            return RecurrentRegressor(**self._options)
+
+    def training_step(self, batch, batch_idx: int) -> Tensor:
+        x, y = batch
+        loss = F.mse_loss(self(x), y)
+        if self._logs_this_step():
+            self.log("batch/mse", loss.detach(), prog_bar=True, batch_size=len(y))
+        return loss
+
+    def _split_statistics(self, batch) -> Tensor:
+        x, y = batch
+        squared = F.mse_loss(self(x), y, reduction="sum")
+        dtype = torch.promote_types(squared.dtype, torch.float32)
+        return torch.stack([squared.to(dtype) / y[0].numel(), torch.tensor(len(y), dtype=dtype, device=y.device)])
+
+    def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        """The predicted values of every sequence of the batch (``batch`` or ``(x, y)``)."""
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self(x)
+
+
+SequenceRegressor.training_step.__signature__ = inspect.signature(SequenceRegressor.training_step)

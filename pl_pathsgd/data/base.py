@@ -14,22 +14,17 @@ them:
   would change the validation split.
 """
 
-import os
 from abc import ABC, abstractmethod
 from typing import Any
 
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 
+from ..seeding import global_seed
 from .datasets import EpochBatchSampler, InMemoryDataset
 from .errors import InvalidDataConfigError, check_int
 
-__all__ = ["BaseDataModule", "global_seed"]
-
-
-def global_seed() -> int:
-    """The seed ``lightning.seed_everything`` set in this process (0 if none was set)."""
-    return int(os.environ.get("PL_GLOBAL_SEED", 0))
+__all__ = ["BaseDataModule"]
 
 
 class BaseDataModule(pl.LightningDataModule, ABC):

@@ -66,20 +66,11 @@ def result_config(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def data_fingerprint(datamodule: Any) -> Any:
-    """What a prepared DataModule says identifies its data files, as plain data: its ``fingerprint()`` if it
-    has one, else its ``source_digests`` (SHA-1 of each source file), else the size and modification time of
-    each source file (``_fingerprint()``); ``None`` if it exposes none (the options then identify the data,
-    as for the bundled digits, which ship inside scikit-learn)."""
-    fingerprint = getattr(datamodule, "fingerprint", None)
-    if callable(fingerprint):
-        return _plain(fingerprint())
+    """What identifies a prepared DataModule's data files, as plain data: the SHA-1 of each source file
+    (``source_digests`` of the file-backed DataModules); ``None`` for data that has no files of its own (the
+    bundled digits ship inside scikit-learn, generated data come from a seed: the options identify them)."""
     digests = getattr(datamodule, "source_digests", None)
-    if digests:
-        return _plain(digests)
-    stamps = getattr(datamodule, "_fingerprint", None)
-    if callable(stamps):
-        return _plain(stamps()) or None
-    return None
+    return _plain(digests) if digests else None
 
 
 def _plain(value: Any) -> Any:
