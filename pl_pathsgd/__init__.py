@@ -31,7 +31,11 @@ from pl_pathsgd.schedules import PaperSchedule
 
 __version__ = "0.2.0"  # the package's only version number (pyproject.toml reads it from here)
 
-_LIGHTNING_EXPORTS = {"PathSGDMixin": "pl_pathsgd.module", "PathSGDClassifier": "pl_pathsgd.module"}
+_LIGHTNING_EXPORTS = {
+    "PathSGDMixin": "pl_pathsgd.module",
+    "PathSGDClassifier": "pl_pathsgd.module",
+    "SequenceRegressor": "pl_pathsgd.module",
+}
 
 
 def __getattr__(name: str):
@@ -46,6 +50,7 @@ __all__ = [
     "PathSGD",
     "PathSGDClassifier",
     "PathSGDMixin",
+    "SequenceRegressor",
     "UnsupportedModelError",
     "balance",
     "balanced_init_",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import inspect
 import json
 import pickle
 import re
@@ -16,7 +17,7 @@ import lightning.pytorch as pl
 import torch
 import yaml
 from jsonargparse import DefaultHelpFormatter
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback, _get_module_type, _InstantiatorFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.model_helpers import is_overridden
@@ -72,6 +73,25 @@ class _HelpFormatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter)
     """jsonargparse's help formatter, keeping the line breaks of the description."""
 
 
+class _Instantiator(_InstantiatorFn):
+    """Lightning's instantiator, whose saved hyperparameters leave out a linked value the class does not
+    take (jsonargparse skips such a link, but reports it as applied): the checkpoint must rebuild the class."""
+
+    def __call__(self, class_type, *args, applied_instantiation_links: dict, **kwargs):
+        taken = _keywords_taken(class_type)
+        links = {key: value for key, value in applied_instantiation_links.items()
+                 if taken is None or key.rsplit(".", 1)[-1] in taken}
+        return super().__call__(class_type, *args, applied_instantiation_links=links, **kwargs)
+
+
+def _keywords_taken(class_type) -> set[str] | None:
+    """The keyword arguments ``class_type(...)`` takes; None when it takes any."""
+    parameters = inspect.signature(class_type).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    return {p.name for p in parameters}
+
+
 class PathSGDCLI(LightningCLI):
     """LightningCLI whose model input shape and output count come from the chosen DataModule."""
 
@@ -82,16 +102,26 @@ class PathSGDCLI(LightningCLI):
         parser.link_arguments("data.num_outputs", "model.init_args.num_outputs", apply_on="instantiate")
 
     @override
+    def _add_instantiators(self) -> None:
+        self.parser.add_instantiator(_Instantiator(cli=self, key="model"), _get_module_type(self._model_class),
+                                     subclasses=self.subclass_mode_model)
+        self.parser.add_instantiator(_Instantiator(cli=self, key="data"), _get_module_type(self._datamodule_class),
+                                     subclasses=self.subclass_mode_data)
+
+    @override
     def instantiate_classes(self) -> None:
         """Build the classes; a DataModule argument that is out of range is one line naming the option."""
         try:
             super().instantiate_classes()
         except Exception as error:
             cause = _data_error(error)
-            if cause is None:
+            if cause is not None:
+                option = f"--data.init_args.{cause.argument}" if getattr(cause, "argument", None) else "--data"
+                _fail(f"{option}: {cause}")
+            refusal = _package_refusal(error)
+            if refusal is None:
                 raise
-            option = f"--data.init_args.{cause.argument}" if getattr(cause, "argument", None) else "--data"
-            _fail(f"{option}: {cause}")
+            _fail(f"--model: {refusal}")
         _check_task(self.model, self.datamodule)
 
     def parse_arguments(self, parser, args) -> None:
@@ -221,6 +251,23 @@ def _data_error(error: BaseException) -> DataError | None:
         if isinstance(error, DataError):
             return error
         seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _package_refusal(error: BaseException) -> BaseException | None:
+    """A ValueError or TypeError raised by one of the package's models while the classes were built (its
+    message names the argument and the fix), if any; a user's own class keeps its traceback."""
+    package = str(Path(__file__).resolve().parent)
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, (ValueError, TypeError)) and error.__traceback__ is not None:
+            frame = error.__traceback__
+            while frame.tb_next is not None:
+                frame = frame.tb_next
+            if frame.tb_frame.f_code.co_filename.startswith(package):
+                return error
         error = error.__cause__ or error.__context__
     return None
 

@@ -85,7 +85,7 @@ class RecurrentRegressor(nn.Module):
     """
 
     def __init__(self, features: int, hidden: int = 100, num_outputs: int = 1, layers: int = 1,
-                 init: Literal["default", "identity"] = "identity"):
+                 init: Literal["default", "identity"] = "default"):
         if features < 1 or hidden < 1 or num_outputs < 1 or layers < 1:
             raise ValueError(f"RecurrentRegressor sizes must be positive: features={features}, hidden={hidden}, "
                              f"num_outputs={num_outputs}, layers={layers}")

@@ -346,10 +346,12 @@ class SequenceRegressor(_SupervisedModule):
         num_outputs: Number of values predicted per sequence (pl-pathsgd links it from the DataModule).
         hidden: Hidden units of each recurrent layer.
         layers: Number of recurrent layers.
-        init: "identity" (recurrent weights I, input weights N(0, 0.001^2), biases 0) or "default" (PyTorch's).
+        init: "default" (PyTorch's) or "identity" (recurrent weights I, input weights N(0, 0.001^2), biases 0;
+            for SGD: Path-SGD's divisors of some recurrent weights are then ~1e-11 and its steps diverge).
         init_seed: Seed of the initialisation; None (the default) follows seed_everything.
         optimizer: The optimizer, by class (class_path/init_args in YAML): pl_pathsgd.PathSGD (lr, momentum,
-            recurrent, ...) or any torch.optim class. Default: PathSGD with lr 0.01.
+            recurrent, ...) or any torch.optim class. Default: PathSGD with its default lr 0.01, which diverges
+            on an RNN: give a step size (configs/rnn/addition.yaml uses 1e-5).
         lr_scheduler: A learning-rate scheduler by class (class_path/init_args), stepped once per epoch.
         monitor: The logged metric that a ReduceLROnPlateau scheduler follows unless it names its own.
     """
@@ -362,7 +364,7 @@ class SequenceRegressor(_SupervisedModule):
         num_outputs: int = 1,
         hidden: int = 100,
         layers: int = 1,
-        init: Literal["identity", "default"] = "identity",
+        init: Literal["default", "identity"] = "default",
         init_seed: Optional[int] = None,
         optimizer: OptimizerCallable = PathSGD,
         lr_scheduler: Optional[LRSchedulerCallable] = None,

@@ -113,6 +113,9 @@ class PathSGD(Optimizer):
         dtype: torch.dtype | None = None,
         recurrent: str = "kappa1",
     ):
+        if isinstance(params, nn.Module):
+            raise TypeError(f"PathSGD's first argument is the parameters, got the module {type(params).__name__}; "
+                            "write PathSGD(net.parameters(), lr=..., model=net)")
         if input_shape is not None and model is None:
             raise ValueError("input_shape is given without model; pass both, or give input_shape to bind()")
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=weight_decay,

@@ -206,6 +206,9 @@ def test_help_describes_the_program():
 def test_predict_writes_the_test_split_predictions(tmp_path, lightning_log):
     fit = make_cli(quick_args(tmp_path / "fit", QUICKSTART, "--trainer.callbacks=[]"))
     checkpoint = fit.trainer.checkpoint_callback.best_model_path
+    # the data's output count is linked to models that take it; a classifier's checkpoint does not name it
+    assert "num_outputs" not in torch.load(checkpoint, weights_only=False)["hyper_parameters"]
+    assert type(PathSGDClassifier.load_from_checkpoint(checkpoint)) is PathSGDClassifier
     cli = make_cli(quick_args(tmp_path / "predict", QUICKSTART, "--trainer.callbacks=[]", f"--ckpt_path={checkpoint}",
                               subcommand="predict"))
     [written] = list((tmp_path / "predict").rglob("predictions.csv"))

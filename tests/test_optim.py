@@ -110,6 +110,10 @@ def test_bad_arguments_are_explained():
         P.PathSGD(model.parameters(), lr=0.1, model=model, p=float("inf"))
     with pytest.raises(ValueError, match="learning rate"):
         P.PathSGD(model.parameters(), lr=-1, model=model)
+    with pytest.raises(TypeError, match=r"PathSGD\(net.parameters\(\), lr=..., model=net\)"):
+        P.PathSGD(model, lr=0.1)
+    with pytest.raises(ValueError, match="input_shape is given without model"):
+        P.PathSGD(model.parameters(), lr=0.1, input_shape=(5,))
 
 
 def test_an_optimizer_built_from_parameters_alone_is_bound_later():

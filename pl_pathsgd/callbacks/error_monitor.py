@@ -53,7 +53,9 @@ class EpochErrorMonitor(Callback):
       (``on_validation_epoch_end``, so ``check_val_every_n_epoch`` and ``val_check_interval`` decide when,
       sanity checks excluded, and ``limit_val_batches`` does not shorten the measurement); with ``val=None``
       validation is left to the module's own logging and the callback warns once if the first run logged
-      no ``val/error``;
+      no ``val/error``.  ``val/error`` goes to the progress bar, as ``PathSGDClassifier`` logs it; a module that
+      also logs ``val/error`` in its own ``on_validation_epoch_end`` must log it the same way (``prog_bar=True``,
+      ``sync_dist=True``), or Lightning refuses the second call;
     * otherwise (no ``validation_step``) the callback runs validation itself at the end of every
       ``check_val_every_n_epoch``-th training epoch, on the validation data given to ``fit``, unless
       ``limit_val_batches == 0`` (with ``val=None``, only when ``fit`` was given validation data).
@@ -244,7 +246,7 @@ class EpochErrorMonitor(Callback):
     def _log(self, results: dict[str, Tensor], pl_module: pl.LightningModule) -> None:
         for key, value in results.items():
             # already summed over processes: equal on every rank, and the mean of equal values is that value
-            pl_module.log(key, value, on_step=False, on_epoch=True, sync_dist=True)
+            pl_module.log(key, value, on_step=False, on_epoch=True, sync_dist=True, prog_bar=key == "val/error")
 
     # ------------------------------------------------------------------ what is measured, from where
 
