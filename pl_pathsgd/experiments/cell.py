@@ -21,6 +21,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
+from pl_pathsgd.callbacks.capacity import CapacityReport
 from pl_pathsgd.experiments.provenance import identity
 
 #: the file a finished cell leaves in its folder
@@ -29,6 +30,9 @@ RESULT_FORMAT = 1
 #: per-epoch columns and the logged metric each comes from
 METRICS = {"train_loss": "train/loss", "train_error": "train/error", "val_loss": "val/loss",
            "val_error": "val/error", "test_loss": "test/loss", "test_error": "test/error"}
+#: per-epoch columns taken from the run's CapacityReport, in the epochs it measured (empty in the others)
+CAPACITY = {"path_norm_l2": "capacity/path_norm_l2", "margin": "capacity/margin",
+            "normalized_path_norm_l2": "capacity/normalized_path_norm_l2"}
 
 
 #: what a cell's run writes into its folder (loggers, checkpoints, configs, records): only these are removed
@@ -61,6 +65,7 @@ class CellRecorder(Callback):
         self.identity: dict[str, Any] | None = None
         self.epochs: list[dict[str, Any]] = []
         self.started = time.perf_counter()
+        self._capacity_seen: dict[int, Any] = {}
 
     @property
     def result_path(self) -> Path:
@@ -98,6 +103,7 @@ class CellRecorder(Callback):
                             "run's config; use it through python -m pl_pathsgd.experiments or its --print-commands")
         self.identity = identity(self.config, trainer.datamodule)  # the data module is set up by now
         self.epochs = []
+        self._capacity_seen = {id(c): c.last for c in trainer.callbacks if isinstance(c, CapacityReport)}
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -108,6 +114,7 @@ class CellRecorder(Callback):
                                "seconds": round(time.perf_counter() - self.started, 3)}
         for column, key in METRICS.items():
             row[column] = float(metrics[key]) if key in metrics else None
+        row.update(self._new_capacity(trainer))
         self.epochs.append(row)
         if trainer.is_global_zero:
             done, total = row["epoch"], trainer.max_epochs
@@ -116,6 +123,18 @@ class CellRecorder(Callback):
                   f"test error {_fmt(row['test_error'])}, loss {_fmt(row['train_loss'])} "
                   f"[{row['seconds']:.0f}s, about {left / 60:.1f} min left]", flush=True)
 
+    def _new_capacity(self, trainer: pl.Trainer) -> dict[str, float | None]:
+        """The capacity columns of this epoch: a CapacityReport's measurement if it made one in this epoch (the
+        runner appends the recorder after every other callback, so it sees it), else empty. The logged values
+        stay in ``trainer.callback_metrics`` after their epoch; the report's ``last``, a new dict per
+        measurement, tells a new measurement from an old one."""
+        values: dict[str, float | None] = dict.fromkeys(CAPACITY)
+        for report in (c for c in trainer.callbacks if isinstance(c, CapacityReport)):
+            if report.last and report.last is not self._capacity_seen.get(id(report)):
+                self._capacity_seen[id(report)] = report.last
+                values = {column: report.last.get(key) for column, key in CAPACITY.items()}
+        return values
+
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Training ended normally (not by an exception or a signal): the cell is finished."""
@@ -123,6 +142,7 @@ class CellRecorder(Callback):
             return
         record = {"format": RESULT_FORMAT, "identity": self.identity, "epochs": self.epochs,
                   "seconds": round(time.perf_counter() - self.started, 3), "threads": torch.get_num_threads(),
+                  "parameters": sum(p.numel() for p in pl_module.parameters()), "precision": str(trainer.precision),
                   "config": self.config}
         write_atomic(self.result_path, json.dumps(record, indent=1, default=str))
 

@@ -32,15 +32,32 @@ SWEPT = {
 }
 
 
+#: per figure, the callbacks its runner adds to some cells only (``class_path``: the cells that get it): any other
+#: instance of them (from a config or an override) would blur the comparison of the cells, so it is refused
+CELL_CALLBACKS = {
+    "figure1": {},
+    "figure2": {"pl_pathsgd.callbacks.Rebalance": "the cell of SGD + Rebalance"},
+    "figure3": {"pl_pathsgd.experiments.PerturbWeights": "the control cells of the invariance claim"},
+}
+#: Figure 2a's third curve: SGD from the unbalanced init, rebalanced to the smallest l2 norm before the first
+#: step and after every epoch
+REBALANCE = {"class_path": "pl_pathsgd.callbacks.Rebalance",
+             "init_args": {"method": "l2", "every_n_epochs": 1, "at_fit_start": True}}
+#: Figure 3's control: the balanced init with every weight moved by one unit in the last place (seeded)
+PERTURB = {"class_path": "pl_pathsgd.experiments.PerturbWeights", "init_args": {"relative": None, "seed": 0}}
+
+
 @dataclass(frozen=True)
 class Cell:
     """One run: a name (its folder), the CLI overrides that define it, what it stands for in the figure,
-    and the resolved values (dotted keys of the config) that its overrides set."""
+    the resolved values (dotted keys of the config) that its overrides set, and the callbacks it adds to the
+    run (appended after every override, so that none can remove them)."""
 
     name: str
     args: tuple[str, ...]
     meta: dict = field(default_factory=dict, hash=False, compare=False)
     sets: dict = field(default_factory=dict, hash=False, compare=False)
+    callbacks: tuple[dict, ...] = field(default=(), hash=False, compare=False)
 
 
 def config_path(figure: str, dataset: str, smoke: bool, root: Path | None = None) -> Path:
@@ -84,11 +101,19 @@ def figure1_cells(widths) -> list[Cell]:
 
 
 def figure2_cells() -> list[Cell]:
-    return [Cell(init, (_arg("model.init_args.init", init),), {"method": "sgd", "init": init},
-                 {"model.init_args.init": init}) for init in INITS]
+    """SGD from the balanced and from the unbalanced init, and SGD with :data:`REBALANCE` from the unbalanced one."""
+    cells = [Cell(init, (_arg("model.init_args.init", init),), {"method": "sgd", "init": init},
+                  {"model.init_args.init": init}) for init in INITS]
+    unbalanced = cells[1]
+    cells.append(Cell("unbalanced-rebalanced", unbalanced.args, {**unbalanced.meta, "variant": "rebalanced"},
+                      unbalanced.sets, (REBALANCE,)))
+    return cells
 
 
-def figure3_cells(methods, inits, alphas: dict[str, tuple[int, ...]], dropout: float) -> list[Cell]:
+def figure3_cells(methods, inits, alphas: dict[str, tuple[int, ...]], dropout: float,
+                  control: bool = True) -> list[Cell]:
+    """Every (method, init, step size); with ``control``, for each step size at which Path-SGD runs from both
+    inits, also Path-SGD from the balanced init under :data:`PERTURB` (the yardstick of the invariance claim)."""
     cells = []
     for method in methods:
         for init in inits:
@@ -102,4 +127,8 @@ def figure3_cells(methods, inits, alphas: dict[str, tuple[int, ...]], dropout: f
                         "model.init_args.optimizer.init_args.lr": lr, "model.init_args.init": init,
                         "model.init_args.dropout": dropout}
                 cells.append(Cell(f"{method}-{init}-lr1e-{alpha}", args, meta, sets))
+    if control and "pathsgd" in methods and set(INITS) <= set(inits):
+        for cell in [c for c in cells if c.meta["method"] == "pathsgd" and c.meta["init"] == "balanced"]:
+            cells.append(Cell(cell.name.replace("-balanced-", "-balanced-perturbed-"), cell.args,
+                              {**cell.meta, "variant": "perturbed"}, cell.sets, (PERTURB,)))
     return cells

@@ -4,6 +4,7 @@
     python -m pl_pathsgd.experiments figure1 --smoke --out runs/smoke
     python -m pl_pathsgd.experiments figure1 --dataset mnist --out runs/f1 --print-commands > cells.sh
     python -m pl_pathsgd.experiments figure1 --dataset mnist --out runs/f1 --collect
+    python -m pl_pathsgd.experiments figure2b [--out DIR] [--no-figure]   # Figures 2(b) and 2(c), one step each
 
 Every cell is one ``pl-pathsgd fit`` run (the same LightningCLI and Trainer as ``pl-pathsgd fit
 --config ...``); anything after the runner's own options is passed on to it (e.g.
@@ -26,6 +27,7 @@ import logging
 import os
 import shlex
 import signal
+import sys
 import threading
 import warnings
 from collections.abc import Callable
@@ -34,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from pl_pathsgd.experiments import grids
-from pl_pathsgd.experiments.cell import read_result
+from pl_pathsgd.experiments.cell import CAPACITY, read_result
 from pl_pathsgd.experiments.claims import check_claims
 from pl_pathsgd.experiments.provenance import (
     data_fingerprint,
@@ -45,9 +47,12 @@ from pl_pathsgd.experiments.provenance import (
     versions,
 )
 
-COLUMNS = ("figure", "dataset", "cell", "method", "init", "width", "alpha", "lr", "dropout", "epoch",
-           "train_loss", "train_error", "val_loss", "val_error", "test_loss", "test_error", "seconds")
+COLUMNS = ("figure", "dataset", "cell", "method", "init", "variant", "width", "alpha", "lr", "dropout", "precision",
+           "parameters", "epoch", "train_loss", "train_error", "val_loss", "val_error", "test_loss", "test_error",
+           *CAPACITY, "seconds")
 PROG = "python -m pl_pathsgd.experiments"
+#: the worked examples of Figures 2(b) and 2(c): not a sweep, run by :func:`worked_examples.main`
+WORKED_EXAMPLES = "figure2b"
 SIGTERM_STATUS = 143  # 128 + SIGTERM, what shells and schedulers report for a terminated job
 
 
@@ -86,6 +91,7 @@ class Sweep:
                     "init_args": {"cell_dir": str(cell_dir), "label": self.label(cell), "replace": replace}}
         return ["--config", str(self.config), *cell.args, f"--trainer.logger={json.dumps(loggers)}",
                 f"--trainer.default_root_dir={cell_dir}", *self.overrides,
+                *(f"--trainer.callbacks+={json.dumps(callback)}" for callback in cell.callbacks),
                 f"--trainer.callbacks+={json.dumps(recorder)}"]
 
 
@@ -138,7 +144,9 @@ def stop_on_sigterm(on_signal: Callable[[], None] | None = None):
 def parse(argv=None) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__, allow_abbrev=False,  # --config is an override
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("figure", choices=grids.FIGURES)
+    parser.add_argument("figure", choices=(*grids.FIGURES, WORKED_EXAMPLES),
+                        help=f"the figure; {WORKED_EXAMPLES} (Figures 2(b) and 2(c)) takes its own options: "
+                             f"{PROG} {WORKED_EXAMPLES} --help")
     parser.add_argument("--dataset", help="mnist, cifar10, cifar100 or svhn (digits with --smoke)")
     parser.add_argument("--out", required=True, type=Path, help="folder for cells, CSV, figure")
     parser.add_argument("--smoke", action="store_true", help="small offline run on the bundled digits")
@@ -148,6 +156,9 @@ def parse(argv=None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--inits", nargs="+", choices=grids.INITS, help="figure3: initialisations")
     parser.add_argument("--alphas", type=int, nargs="+", help="figure3: step sizes 10^-alpha to choose from")
     parser.add_argument("--dropout", type=float, default=0.0, help="figure3: drop probability (paper: 0 or 0.5)")
+    parser.add_argument("--no-control", action="store_true",
+                        help="figure3: leave out the control cells (Path-SGD from the balanced init perturbed at the "
+                             "rounding level); the invariance claim is then checked in float64 only")
     parser.add_argument("--jobs", type=int, default=1,
                         help="cells run at once, each in its own process with its share of the CPU cores")
     parser.add_argument("--threads", type=int,
@@ -160,7 +171,9 @@ def parse(argv=None) -> tuple[argparse.Namespace, list[str]]:
                         help="print one pl-pathsgd fit command per unfinished cell and run nothing")
     action.add_argument("--collect", action="store_true",
                         help="write the CSV, figure and claims from the finished cells and run nothing")
-    args, overrides = parser.parse_known_args(argv)
+    own, dotted = _dotted_options(list(sys.argv[1:] if argv is None else argv))
+    args, overrides = parser.parse_known_args(own)
+    overrides = dotted + overrides
     if args.smoke:
         args.dataset = args.dataset or "digits"
         if args.dataset != "digits":
@@ -185,6 +198,26 @@ def parse(argv=None) -> tuple[argparse.Namespace, list[str]]:
         if swept:
             parser.error(f"{option} overrides {swept[0]}, which {args.figure} sweeps; set it with {swept[1]}")
     return args, overrides
+
+
+def _dotted_options(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Split off the options of ``pl-pathsgd fit`` with a dotted name (``--trainer.max_epochs=5``, or with its value
+    as the next argument): the runner's options have none, and argparse would take a value that holds a space (a
+    JSON callback) for an argument of the runner option before it."""
+    own: list[str] = []
+    dotted: list[str] = []
+    index = 0
+    while index < len(argv):
+        arg = argv[index]
+        if arg.startswith("--") and "." in arg.split("=", 1)[0]:
+            if "=" not in arg and index + 1 < len(argv) and not argv[index + 1].startswith("--"):
+                arg = f"{arg}={argv[index + 1]}"
+                index += 1
+            dotted.append(arg)
+        else:
+            own.append(arg)
+        index += 1
+    return own, dotted
 
 
 def _joined(overrides: list[str]) -> list[str]:
@@ -212,7 +245,7 @@ def _cells(args) -> list[grids.Cell]:
         alphas = {m: grids.SMOKE_ALPHAS[m] for m in methods}
     else:
         alphas = {m: grids.DEFAULT_ALPHAS for m in methods}
-    return grids.figure3_cells(methods, inits, alphas, args.dropout)
+    return grids.figure3_cells(methods, inits, alphas, args.dropout, control=not args.no_control)
 
 
 # ------------------------------------------------------------------------------------------- planning
@@ -246,13 +279,28 @@ def plan(sweep: Sweep, rerun_changed: bool = False) -> list[Planned]:
 
 
 def _check_sweep_settings(sweep: Sweep, cell: grids.Cell, config: dict) -> None:
-    """Refuse a config or override that replaced a value the sweep sets (e.g. ``--config`` with ``hidden``)."""
+    """Refuse a config or override that replaced a value the sweep sets (e.g. ``--config`` with ``hidden``), or
+    that added a callback the sweep gives to some cells only (e.g. ``Rebalance`` to every cell of figure2)."""
     for key, expected in cell.sets.items():
         actual = lookup(config, key)
         if not same_value(key, expected, actual):
             raise SystemExit(f"{PROG}: error: {key} is {json.dumps(actual)} in cell {cell.name}, which the sweep sets "
                              f"to {json.dumps(expected)}: a config or option given to the runner replaced a value "
                              f"that {sweep.figure} sweeps; leave it out")
+    callbacks = lookup(config, "trainer.callbacks") or []
+    for class_path, cells_with_it in grids.CELL_CALLBACKS[sweep.figure].items():
+        found = [c for c in callbacks if isinstance(c, dict) and same_value("class_path", c.get("class_path"), class_path)]
+        wanted = [c for c in cell.callbacks if c["class_path"] == class_path]
+        if len(found) != len(wanted) or not all(_has_arguments(f, w) for f, w in zip(found, wanted)):
+            name = class_path.rsplit(".", 1)[-1]
+            raise SystemExit(f"{PROG}: error: cell {cell.name} would run with {len(found)} {name} callback(s) where "
+                             f"{sweep.figure} gives it {len(wanted)}: {sweep.figure} adds {name} to {cells_with_it} "
+                             "only, and a config or option given to the runner added or changed one; leave it out")
+
+
+def _has_arguments(resolved: dict, wanted: dict) -> bool:
+    arguments = resolved.get("init_args") or {}
+    return all(same_value(key, value, arguments.get(key)) for key, value in wanted.get("init_args", {}).items())
 
 
 def _state(cell_dir: Path, config: dict, datamodule: Any, fingerprints: dict) -> tuple[str, list[str]]:
@@ -384,7 +432,8 @@ def collect(sweep: Sweep, plots) -> list[dict]:
         if not record["epochs"]:
             raise SystemExit(f"{PROG}: error: {sweep.label(cell)} finished without training a single epoch "
                              "(trainer.max_epochs=0?); a figure needs at least one")
-        base = {"figure": sweep.figure, "dataset": sweep.dataset, "cell": cell.name, **cell.meta}
+        base = {"figure": sweep.figure, "dataset": sweep.dataset, "cell": cell.name, **cell.meta,
+                "precision": record.get("precision"), "parameters": record.get("parameters")}
         rows += [{column: {**base, **epoch}.get(column) for column in COLUMNS} for epoch in record["epochs"]]
     out = sweep.out
     _write_csv(out / f"{sweep.figure}.csv", rows)
@@ -399,7 +448,13 @@ def collect(sweep: Sweep, plots) -> list[dict]:
 
 def run(argv=None) -> list[dict]:
     """Run (or resume, print the commands of, or collect) a figure; returns the per-epoch rows of every cell
-    (none for ``--print-commands``)."""
+    (none for ``--print-commands`` and for the worked examples of ``figure2b``)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == [WORKED_EXAMPLES]:
+        from pl_pathsgd.experiments import worked_examples
+
+        worked_examples.main(argv[1:], prog=f"{PROG} {WORKED_EXAMPLES}")
+        return []
     args, overrides = parse(argv)
     plots = None if args.print_commands else _plots()  # before any cell runs: a missing library costs nothing
     config = grids.config_path(args.figure, args.dataset, args.smoke, args.configs).resolve()

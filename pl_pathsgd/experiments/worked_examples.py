@@ -13,7 +13,8 @@ The steps are taken by the real optimizers (``torch.optim.SGD`` and ``pl_pathsgd
 momentum) on ``nn.Linear`` layers without bias and a ReLU, in float64.  ``docs/capacity.md`` works the
 same numbers out by hand.
 
-    python -m pl_pathsgd.experiments.worked_examples --out docs/figures
+    python -m pl_pathsgd.experiments figure2b --out docs/figures
+    python -m pl_pathsgd.experiments.worked_examples --out docs/figures    # the same
 """
 
 from __future__ import annotations
@@ -207,13 +208,17 @@ def _draw_network(axis, weights: list[Tensor], x, output: Tensor) -> None:
 # ----------------------------------------------------------------------------- command line
 
 
-def main(argv: list[str] | None = None) -> dict[str, tuple[Example, dict[str, Outcome]]]:
-    """Print the worked examples and, unless ``--no-figure``, draw them into ``--out`` (``figure2bc.png``)."""
-    parser = argparse.ArgumentParser(prog="python -m pl_pathsgd.experiments.worked_examples",
+def main(argv: list[str] | None = None,
+         prog: str = "python -m pl_pathsgd.experiments.worked_examples") -> dict[str, tuple[Example, dict[str, Outcome]]]:
+    """Print the worked examples and, unless ``--no-figure``, draw them into ``--out`` (``figure2bc.png``);
+    ``python -m pl_pathsgd.experiments figure2b`` runs this too."""
+    parser = argparse.ArgumentParser(prog=prog,
                                      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("."), help="folder for figure2bc.png (default: .)")
     parser.add_argument("--no-figure", action="store_true", help="print only")
     args = parser.parse_args(argv)
+    if not args.no_figure and args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out} is a file; give a folder for figure2bc.png (it is created if missing)")
     results = {name: (example, run(example)) for name, example in EXAMPLES.items()}
     for example, outcomes in results.values():
         print(report(example, outcomes), flush=True)
