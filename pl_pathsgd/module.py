@@ -351,7 +351,7 @@ class SequenceRegressor(_SupervisedModule):
         init_seed: Seed of the initialisation; None (the default) follows seed_everything.
         optimizer: The optimizer, by class (class_path/init_args in YAML): pl_pathsgd.PathSGD (lr, momentum,
             recurrent, ...) or any torch.optim class. Default: PathSGD with its default lr 0.01, which diverges
-            on an RNN: give a step size (configs/rnn/addition.yaml uses 1e-5).
+            on an RNN: give a step size (configs/rnn/addition.yaml uses 5e-6).
         lr_scheduler: A learning-rate scheduler by class (class_path/init_args), stepped once per epoch.
         monitor: The logged metric that a ReduceLROnPlateau scheduler follows unless it names its own.
     """

@@ -29,3 +29,18 @@ def test_example_runs(tmp_path, script):
         lines = dict(line.strip().split(":", 1) for line in result.stdout.splitlines() if "final loss" in line)
         assert lines["balanced"] == lines["unbalanced"]
 
+
+
+def test_addition_problem_prints_a_curve_per_run_and_seed(tmp_path):
+    script = [sys.executable, str(ROOT / "examples" / "addition_problem.py")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    runs = ["pathsgd:default:5e-6", "sgd:identity:0.01:0.9"]
+    result = subprocess.run([*script, "--seq-len", "6", "--steps", "12", "--seeds", "0,1", *runs], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=240, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if " seed " in line]
+    assert [line.split()[0] for line in lines] == [runs[0]] * 2 + [runs[1]] * 2
+    assert all(line.count(": ") == 6 for line in lines)  # the test MSE six times over the steps
+    refused = subprocess.run([*script, "adam:default:0.1"], cwd=tmp_path, capture_output=True, text=True,
+                             timeout=240, env=env)
+    assert refused.returncode != 0 and "optimizer:init:lr[:momentum]" in refused.stderr

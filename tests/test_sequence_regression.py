@@ -1,0 +1,75 @@
+"""Sequence regression from the command line: SequenceRegressor on the addition problem with Path-SGD."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from pl_pathsgd.cli import make_cli
+from pl_pathsgd.data.addition import CONSTANT_PREDICTION_MSE
+from pl_pathsgd.module import SequenceRegressor
+
+ROOT = Path(__file__).resolve().parents[1]
+ADDITION = ROOT / "configs" / "rnn" / "addition.yaml"
+
+# Predicting the second marked value plus 0.5 (the mean of the first) leaves the first value's variance,
+# 1/12: a network below that error carries the first marked value across the sequence.
+ONE_VALUE_MSE = 1.0 / 12.0
+
+
+def addition_args(tmp_path: Path, *extra: str) -> list[str]:
+    return ["fit", "--config", str(ADDITION), f"--trainer.logger.init_args.save_dir={tmp_path}",
+            "--trainer.enable_checkpointing=false",
+            f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false", *extra]
+
+
+def test_path_sgd_learns_the_addition_problem_from_the_config(tmp_path):
+    """The config as it is (T = 10, 20 epochs): below 1/12 the network must carry the first marked value."""
+    cli = make_cli(addition_args(tmp_path))
+    assert isinstance(cli.model, SequenceRegressor)
+    assert type(cli.trainer.optimizers[0]).__name__ == "PathSGD"
+    cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
+    test_mse = float(cli.trainer.callback_metrics["test/mse"])
+    assert test_mse < ONE_VALUE_MSE < CONSTANT_PREDICTION_MSE
+
+
+def test_the_output_count_comes_from_the_data(tmp_path):
+    cli = make_cli(addition_args(tmp_path, "--data.init_args.seq_len=6", "--data.init_args.train_size=40",
+                                 "--data.init_args.val_size=10", "--data.init_args.test_size=10",
+                                 "--trainer.max_epochs=1", "--trainer.callbacks=[]"))
+    assert cli.model.hparams.num_outputs == 1 and list(cli.model.hparams.input_shape) == [6, 2]
+    assert cli.model(torch.zeros(3, 6, 2)).shape == (3, 1)
+
+
+def test_a_classifier_on_regression_data_is_refused_before_training(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        make_cli(addition_args(tmp_path, "--model=pl_pathsgd.module.PathSGDClassifier", "--trainer.callbacks=[]"))
+    message = capsys.readouterr().err
+    assert "AdditionDataModule has no classes" in message and "SequenceRegressor" in message
+
+
+def test_a_regressor_on_classification_data_is_refused_before_training(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    with pytest.raises(SystemExit):
+        make_cli(["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--trainer.logger=false",
+                  "--data.init_args.as_sequence=rows", "--model=pl_pathsgd.module.SequenceRegressor",
+                  f"--trainer.default_root_dir={tmp_path}", "--trainer.callbacks=[]"])
+    message = capsys.readouterr().err
+    assert "DigitsDataModule is a classification task (10 classes)" in message
+
+
+def test_a_refused_model_argument_is_one_line(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    with pytest.raises(SystemExit):
+        make_cli(["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--trainer.logger=false",
+                  "--model=pl_pathsgd.module.SequenceRegressor", f"--trainer.default_root_dir={tmp_path}"])
+    message = capsys.readouterr().err
+    assert message.splitlines()[-1] == ("pl-pathsgd: error: --model: SequenceRegressor takes sequences: "
+                                        "input_shape must be (steps, features), got [64]")
+
+
+def test_sequence_regressor_wants_sequences():
+    with pytest.raises(ValueError, match=r"input_shape must be \(steps, features\)"):
+        SequenceRegressor(input_shape=(64,))
