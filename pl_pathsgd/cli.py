@@ -36,8 +36,8 @@ The model (pl_pathsgd.PathSGDClassifier, pl_pathsgd.module.SequenceRegressor for
 LightningModule), its optimizer and learning-rate scheduler
 (any torch.optim class, pl_pathsgd.PathSGD, pl_pathsgd.PaperSchedule, ...) and the data (a
 pl_pathsgd.data DataModule) are chosen by class_path/init_args in YAML or on the command line; the
-model's input shape and class (or output) count come from the DataModule. `predict` returns the predicted class
-of every test example and writes them to predictions.csv in the run's log folder.
+model's input shape and class (or output) count come from the DataModule. `predict` writes the prediction for
+every test example (a classifier's class, a regressor's values) to predictions.csv in the run's log folder.
 
 One seed drives a run: seed_everything sets the validation split, the training order (the DataModule's
 seed: null) and the initialisation (the model's init_seed: null); pin those to decouple them. With
@@ -204,28 +204,31 @@ class PathSGDCLI(LightningCLI):
 
     def predict(self, model: pl.LightningModule, datamodule: pl.LightningDataModule | None = None,
                 **kwargs: Any) -> None:
-        """``pl-pathsgd predict``: the predicted classes of the test split, written to ``predictions.csv``."""
+        """``pl-pathsgd predict``: the predictions of the test split (a classifier's classes, a regressor's
+        values), one row per example, written to ``predictions.csv``."""
         if datamodule is not None and not is_overridden("predict_dataloader", datamodule, pl.LightningDataModule):
             datamodule.predict_dataloader = datamodule.test_dataloader  # predict on the test split
         predictions = self.trainer.predict(model, datamodule=datamodule, **kwargs)
         if predictions is None:  # return_predictions=false
             return
-        if not all(isinstance(batch, torch.Tensor) for batch in predictions):
-            rank_zero_info("pl-pathsgd predict: the model's predict_step does not return tensors of classes; "
+        if not all(isinstance(batch, torch.Tensor) and batch.dim() >= 1 for batch in predictions):
+            rank_zero_info("pl-pathsgd predict: the model's predict_step does not return a tensor per batch; "
                            "nothing written")
             return
         if self.trainer.world_size > 1:
             rank_zero_warn("pl-pathsgd predict: with several processes each holds part of the predictions; none "
                            "are written. Add a lightning.pytorch.callbacks.BasePredictionWriter to save them.")
             return
-        classes = torch.cat([batch.reshape(-1) for batch in predictions]).tolist()
+        rows = torch.cat([batch.reshape(len(batch), -1) for batch in predictions])  # one row per example
+        header = ["prediction"] if rows.shape[1] == 1 else [f"prediction_{k}" for k in range(rows.shape[1])]
         path = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "predictions.csv"
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("w", newline="") as handle:
             writer = csv.writer(handle)
-            writer.writerow(["index", "prediction"])
-            writer.writerows(enumerate(classes))
-        rank_zero_info(f"Predicted the classes of {len(classes)} test examples: {path}")
+            writer.writerow(["index", *header])
+            writer.writerows([index, *row] for index, row in enumerate(rows.tolist()))
+        what = "values" if rows.is_floating_point() else "classes"
+        rank_zero_info(f"Predicted the {what} of {len(rows)} test examples: {path}")
 
 
 class SaveRunConfig(SaveConfigCallback):

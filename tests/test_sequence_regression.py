@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import pytest
@@ -73,3 +74,21 @@ def test_a_refused_model_argument_is_one_line(tmp_path, capsys):
 def test_sequence_regressor_wants_sequences():
     with pytest.raises(ValueError, match=r"input_shape must be \(steps, features\)"):
         SequenceRegressor(input_shape=(64,))
+
+
+def test_predict_writes_the_regressors_values(tmp_path):
+    """``pl-pathsgd predict`` on a SequenceRegressor checkpoint: one row per test sequence, the predicted value."""
+    small = ["--data.init_args.seq_len=6", "--data.init_args.train_size=100", "--data.init_args.val_size=20",
+             "--data.init_args.test_size=30", "--trainer.max_epochs=1", "--trainer.callbacks=[]",
+             "--trainer.enable_checkpointing=true"]
+    fit = make_cli(addition_args(tmp_path / "fit", *small))
+    checkpoint = fit.trainer.checkpoint_callback.best_model_path
+    args = addition_args(tmp_path / "predict", *small, f"--ckpt_path={checkpoint}")
+    cli = make_cli(["predict", *args[1:]])
+    [written] = list((tmp_path / "predict").rglob("predictions.csv"))
+    rows = list(csv.DictReader(written.open()))
+    test_x, _ = cli.datamodule.test_dataset.tensors
+    with torch.no_grad():
+        expected = fit.model(test_x).reshape(-1).tolist()
+    assert [int(r["index"]) for r in rows] == list(range(30))
+    assert [float(r["prediction"]) for r in rows] == pytest.approx(expected, rel=1e-6)
