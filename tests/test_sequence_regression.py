@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 
 import pytest
@@ -92,3 +93,47 @@ def test_predict_writes_the_regressors_values(tmp_path):
         expected = fit.model(test_x).reshape(-1).tolist()
     assert [int(r["index"]) for r in rows] == list(range(30))
     assert [float(r["prediction"]) for r in rows] == pytest.approx(expected, rel=1e-6)
+
+
+def regressor_fit(tmp_path, callback):
+    import functools
+
+    import lightning.pytorch as pl
+
+    from pl_pathsgd import PathSGD
+    from pl_pathsgd.data import AdditionDataModule
+
+    module = SequenceRegressor(input_shape=(6, 2), optimizer=functools.partial(PathSGD, lr=1e-5))
+    before = [t.detach().clone() for t in module.parameters()]
+    trainer = pl.Trainer(max_epochs=1, logger=pl.loggers.CSVLogger(tmp_path), enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])
+    data = AdditionDataModule(seq_len=6, train_size=100, val_size=20, test_size=20)
+    return module, before, trainer, lambda: trainer.fit(module, datamodule=data)
+
+
+@pytest.mark.parametrize("name, message", [
+    ("EpochErrorMonitor", "EpochErrorMonitor: the 0-1 error"),
+    ("RescalingInvarianceCheck", "pass loss_fn=..., e.g. torch.nn.functional.mse_loss"),
+    ("CapacityReport", "CapacityReport: the training margin is a classifier's"),
+])
+def test_classification_callbacks_refuse_a_regressor_before_the_first_step(tmp_path, name, message):
+    """Argmax error, cross-entropy and margins of one output column are constants: refused, not logged as 0."""
+    import pl_pathsgd.callbacks as callbacks
+
+    module, before, _, fit = regressor_fit(tmp_path, getattr(callbacks, name)())
+    with pytest.raises(Exception, match=re.escape(message)) as info:
+        fit()
+    assert "(2, 1)" in str(info.value)
+    assert all(torch.equal(a, b) for a, b in zip(before, module.parameters()))  # no step was taken
+
+
+def test_invariance_check_of_a_regressor_with_its_loss(tmp_path):
+    import torch.nn.functional as F
+
+    from pl_pathsgd.callbacks import RescalingInvarianceCheck
+
+    check = RescalingInvarianceCheck(loss_fn=F.mse_loss)
+    _, _, _, fit = regressor_fit(tmp_path, check)
+    fit()
+    assert 0 < check.last["invariance/update"] < 1e-4  # Theorem 5.1 for the RNN, in float32
+    assert check.last["invariance/function"] < 1e-5

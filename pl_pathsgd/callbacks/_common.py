@@ -24,6 +24,7 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 
+from pl_pathsgd.callbacks._observe import eval_mode, preserved_rng
 from pl_pathsgd.paths import PathGeometryError, PathGraph, UnsupportedModelError, trace
 
 NETWORK_ATTRIBUTE = "path_network"
@@ -136,6 +137,20 @@ def _optimizer_graph(trainer: pl.Trainer, network: nn.Module, shape: Shape | Non
             if shape is None or tuple(graph.input_shape) == tuple(shape):
                 return graph
     return None
+
+
+def require_class_scores(trainer: pl.Trainer, pl_module: pl.LightningModule, inputs: Tensor, owner: str,
+                         needs: str) -> None:
+    """Refuse, before the first step, a module whose outputs are not class scores of shape (batch, classes >= 2):
+    ``needs`` says what of the callback needs them and how to do without.  The forward pass is an observer's
+    (eval mode, no gradient, random states restored), on two examples of ``inputs``."""
+    precision = trainer.precision_plugin
+    with preserved_rng(), eval_mode(pl_module), torch.no_grad(), precision.val_step_context():
+        outputs = pl_module(precision.convert_input(inputs[:2]))
+    if not isinstance(outputs, Tensor) or outputs.dim() != 2 or outputs.shape[1] < 2:
+        shape = tuple(outputs.shape) if isinstance(outputs, Tensor) else type(outputs).__name__
+        raise MisconfigurationException(f"{owner}: {needs} class scores of shape (batch, classes) with at least "
+                                        f"2 classes, but the model returns {shape}")
 
 
 def require_logger(trainer: pl.Trainer, owner: str) -> None:

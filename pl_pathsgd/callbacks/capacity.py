@@ -171,7 +171,12 @@ class CapacityReport(Callback):
                 raise ValueError("CapacityReport: the training data is empty; there is no margin to measure")
             inputs, targets = self.reader.check(first, "first batch of the training data")
             _, outputs = self._forward(trainer, pl_module, inputs[:2])
-            classification_margins(outputs, move_data_to_device(targets[:2], outputs.device))
+            try:
+                classification_margins(outputs, move_data_to_device(targets[:2], outputs.device))
+            except ValueError as error:
+                raise ValueError(f"CapacityReport: the training margin is a classifier's; {error} (a "
+                                 "regressor has no margin: leave this callback out, or use path_norm for its "
+                                 "path-norms)") from None
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

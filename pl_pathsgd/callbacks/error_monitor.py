@@ -17,7 +17,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from pl_pathsgd.callbacks._batch import BatchReader, UnpackBatch
-from pl_pathsgd.callbacks._common import metric_tensor, require_logger
+from pl_pathsgd.callbacks._common import metric_tensor, require_class_scores, require_logger
 from pl_pathsgd.callbacks._datasets import DatasetReader, whole_dataset_reader
 from pl_pathsgd.callbacks._observe import eval_mode, preserved_rng
 
@@ -170,12 +170,18 @@ class EpochErrorMonitor(Callback):
     ) -> None:
         if not self._checked:  # before the first step: every source this fit reads must be readable
             self._checked = True
+            measured = None  # inputs of a batch this callback measures
             for split in self._splits_read_this_fit():
                 with preserved_rng():
                     for reader in self._split_readers(split, trainer):
                         first = next(iter(reader.batches()), None)
                         if first is not None:
-                            self.reader.check(first, f"first {split} batch")
+                            inputs, _ = self.reader.check(first, f"first {split} batch")
+                            measured = inputs if measured is None else measured
+            if measured is not None:
+                require_class_scores(trainer, pl_module, move_data_to_device(measured, pl_module.device),
+                                     type(self).__name__, "the 0-1 error (the arg max of the outputs against the "
+                                     "labels; a regressor has none: leave this callback out) needs")
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -25,6 +25,7 @@ from pl_pathsgd.callbacks._common import (
     is_number,
     metric_tensor,
     network_of,
+    require_class_scores,
     require_logger,
 )
 from pl_pathsgd.callbacks._observe import preserved_rng
@@ -182,6 +183,10 @@ class RescalingInvarianceCheck(Callback):
             return
         self._batch_checked = True
         inputs, targets = self.reader.check(batch, "first training batch")
+        if self.loss_fn is F.cross_entropy:
+            require_class_scores(trainer, pl_module, inputs, type(self).__name__,
+                                 "the update step's default loss, cross-entropy, needs (pass loss_fn=..., e.g. "
+                                 "torch.nn.functional.mse_loss for a regressor)")
         self._graph.at_first_batch(trainer, pl_module, inputs)
         if self.probe is None:
             target = targets.detach().cpu().clone() if isinstance(targets, Tensor) else None
