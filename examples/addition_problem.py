@@ -72,6 +72,9 @@ def main() -> None:
     args = parser.parse_args()
     for spec in args.runs:
         parse_run(spec)
+    if args.seq_len < 2 or args.steps < 1:
+        raise SystemExit(f"--seq-len {args.seq_len} --steps {args.steps}: a sequence needs at least 2 steps "
+                         "(one marked in each half) and a run at least 1 step")
     try:
         seeds = [int(seed) for seed in args.seeds.split(",")]
     except ValueError:

@@ -137,3 +137,14 @@ def test_invariance_check_of_a_regressor_with_its_loss(tmp_path):
     fit()
     assert 0 < check.last["invariance/update"] < 1e-4  # Theorem 5.1 for the RNN, in float32
     assert check.last["invariance/function"] < 1e-5
+
+
+def test_addition_problem_needs_a_step_in_each_half():
+    import numpy as np
+
+    from pl_pathsgd.data.addition import addition_problem
+
+    with pytest.raises(ValueError, match="seq_len=1 is too short"):
+        addition_problem(3, 1, np.random.default_rng(0))
+    inputs, targets = addition_problem(5, 2, np.random.default_rng(0))  # the shortest: both steps marked
+    assert inputs[:, :, 1].sum().item() == 10 and torch.allclose(targets[:, 0], inputs[:, :, 0].sum(1))

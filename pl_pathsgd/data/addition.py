@@ -28,6 +28,9 @@ CONSTANT_PREDICTION_MSE = 1.0 / 6.0
 
 def addition_problem(size: int, seq_len: int, generator: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """``size`` sequences: inputs ``(size, seq_len, 2)`` (value, marker) and targets ``(size, 1)``, float32."""
+    if seq_len < 2:
+        raise ValueError(f"seq_len={seq_len} is too short: the addition problem marks one step in each half of a "
+                         "sequence, so seq_len must be at least 2")
     values = generator.random((size, seq_len), dtype=np.float32)
     half = seq_len // 2
     rows = np.arange(size)
