@@ -17,7 +17,7 @@ import lightning.pytorch as pl
 import torch
 import yaml
 from jsonargparse import DefaultHelpFormatter
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback, _get_module_type, _InstantiatorFn
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.model_helpers import is_overridden
@@ -28,6 +28,11 @@ from pl_pathsgd.experiments.cell import CellError, CellRecorder
 from pl_pathsgd.experiments.provenance import lookup, same_value
 from pl_pathsgd.factories import OPTIMIZER_NAMES, as_factory, removed_name_message
 from pl_pathsgd.module import PathSGDClassifier, SequenceRegressor
+
+try:  # Lightning's instantiator, which records the classes' arguments as the checkpoint's hyper-parameters
+    from lightning.pytorch.cli import _get_module_type, _InstantiatorFn
+except ImportError:  # a Lightning without it records none: nothing to leave out
+    _InstantiatorFn = None
 
 DESCRIPTION = """\
 Train, evaluate and apply the Path-SGD paper's ReLU networks with PyTorch Lightning.
@@ -73,7 +78,7 @@ class _HelpFormatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter)
     """jsonargparse's help formatter, keeping the line breaks of the description."""
 
 
-class _Instantiator(_InstantiatorFn):
+class _Instantiator(_InstantiatorFn or object):
     """Lightning's instantiator, whose saved hyperparameters leave out a linked value the class does not
     take (jsonargparse skips such a link, but reports it as applied): the checkpoint must rebuild the class."""
 
@@ -103,6 +108,8 @@ class PathSGDCLI(LightningCLI):
 
     @override
     def _add_instantiators(self) -> None:
+        if _InstantiatorFn is None:
+            return super()._add_instantiators()
         self.parser.add_instantiator(_Instantiator(cli=self, key="model"), _get_module_type(self._model_class),
                                      subclasses=self.subclass_mode_model)
         self.parser.add_instantiator(_Instantiator(cli=self, key="data"), _get_module_type(self._datamodule_class),
