@@ -21,8 +21,10 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
+from typing_extensions import override
 
 from pl_pathsgd.callbacks._observe import eval_mode, preserved_rng
 from pl_pathsgd.paths import PathGeometryError, PathGraph, UnsupportedModelError, trace
@@ -127,6 +129,25 @@ class SharedGraph:
                 f"{error}. Pass {self.owner}(input_shape=...), the shape of one example of the network's input "
                 "without the batch dimension, or set the module's example_input_array."
             ) from error
+
+
+class GraphCallback(Callback):
+    """Base of the callbacks that work on the network's traced path graph, ``self._graph`` (a
+    :class:`SharedGraph` the subclass makes).  One whose measurements are its point (``needs_logger``)
+    refuses, at setup, a fit without a logger."""
+
+    _graph: SharedGraph
+    needs_logger = True
+
+    @property
+    def graph(self) -> PathGraph | None:
+        """The traced graph of the network in this fit (shared with PathSGD and the other callbacks)."""
+        return self._graph.graph
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and self.needs_logger:
+            require_logger(trainer, type(self).__name__)
 
 
 def _optimizer_graph(trainer: pl.Trainer, network: nn.Module, shape: Shape | None) -> PathGraph | None:

@@ -9,7 +9,6 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
-from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader
@@ -17,16 +16,16 @@ from typing_extensions import override
 
 from pl_pathsgd.callbacks._batch import BatchReader, UnpackBatch
 from pl_pathsgd.callbacks._common import (
+    GraphCallback,
     SharedGraph,
     check_every_n_epochs,
     check_input_shape,
     is_number,
     metric_tensor,
-    require_logger,
 )
 from pl_pathsgd.callbacks._datasets import DatasetReader, whole_dataset_reader
 from pl_pathsgd.callbacks._observe import eval_mode, preserved_rng
-from pl_pathsgd.paths import PathGraph, path_norm
+from pl_pathsgd.paths import path_norm
 from pl_pathsgd.paths.capacity import (
     NetworkStructure,
     classification_margins,
@@ -39,7 +38,7 @@ from pl_pathsgd.paths.capacity import (
 DEFAULT_EVAL_BATCH_SIZE = 1024
 
 
-class CapacityReport(Callback):
+class CapacityReport(GraphCallback):
     r"""Log capacity measures of the network at the end of every ``every_n_epochs``-th training epoch.
 
     Logged keys (float64, rank zero):
@@ -125,21 +124,11 @@ class CapacityReport(Callback):
         self._warned: set[str] = set()
 
     @property
-    def graph(self) -> PathGraph | None:
-        """The traced graph of the network in this fit (shared with PathSGD and the other callbacks)."""
-        return self._graph.graph
-
-    @property
     @override
     def state_key(self) -> str:
         return self._generate_state_key(percentile=self.percentile, every_n_epochs=self.every_n_epochs)
 
     # ------------------------------------------------------------------ hooks
-
-    @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            require_logger(trainer, type(self).__name__)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

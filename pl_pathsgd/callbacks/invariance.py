@@ -12,13 +12,13 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
 from pl_pathsgd.callbacks._batch import BatchReader, UnpackBatch
 from pl_pathsgd.callbacks._common import (
+    GraphCallback,
     SharedGraph,
     check_every_n_epochs,
     check_input_shape,
@@ -26,7 +26,6 @@ from pl_pathsgd.callbacks._common import (
     metric_tensor,
     network_of,
     require_class_scores,
-    require_logger,
 )
 from pl_pathsgd.callbacks._observe import preserved_rng
 from pl_pathsgd.optim import PathSGD
@@ -43,7 +42,7 @@ class InvarianceViolationError(RuntimeError):
     """Path-SGD's update changed under a node-wise rescaling by more than the allowed tolerance."""
 
 
-class RescalingInvarianceCheck(Callback):
+class RescalingInvarianceCheck(GraphCallback):
     r"""Check node-wise rescaling invariance (Theorem 5.1 of Path-SGD) on one copy of the network.
 
     At the end of every ``every_n_epochs``-th training epoch the callback copies the network once (on
@@ -141,11 +140,6 @@ class RescalingInvarianceCheck(Callback):
     # ------------------------------------------------------------------ Lightning plumbing
 
     @property
-    def graph(self) -> PathGraph | None:
-        """The traced graph of the network in this fit (shared with PathSGD and the other callbacks)."""
-        return self._graph.graph
-
-    @property
     @override
     def state_key(self) -> str:
         return self._generate_state_key(
@@ -163,11 +157,6 @@ class RescalingInvarianceCheck(Callback):
         self._probe_shared = probe is not None  # a restored probe is the same file on every rank
         self.checks_done = int(state_dict.get("checks_done", 0))
         self.last = dict(state_dict.get("last", {}))
-
-    @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            require_logger(trainer, type(self).__name__)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -8,16 +8,15 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks.callback import Callback
 from torch import Tensor
 from typing_extensions import override
 
 from pl_pathsgd.callbacks._batch import BatchReader, UnpackBatch
-from pl_pathsgd.callbacks._common import SharedGraph, check_input_shape, is_number, p_label, require_logger
-from pl_pathsgd.paths import PathGraph, path_norm, recurrence_ratio
+from pl_pathsgd.callbacks._common import GraphCallback, SharedGraph, check_input_shape, is_number, p_label
+from pl_pathsgd.paths import path_norm, recurrence_ratio
 
 
-class PathNormMonitor(Callback):
+class PathNormMonitor(GraphCallback):
     r"""Log the l_p path-norms phi_p(w) of the network being trained.
 
     phi_p(w) = (sum over input->output paths of prod_e |w_e|^p)^(1/p), phi_inf the largest path product
@@ -85,19 +84,9 @@ class PathNormMonitor(Callback):
         self.recurrence_ratio = bool(recurrence_ratio)
 
     @property
-    def graph(self) -> PathGraph | None:
-        """The traced graph of the network in this fit (shared with PathSGD and the other callbacks)."""
-        return self._graph.graph
-
-    @property
     @override
     def state_key(self) -> str:
         return self._generate_state_key(p=self.p, logging_interval=self.logging_interval)
-
-    @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            require_logger(trainer, type(self).__name__)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -7,14 +7,20 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from pl_pathsgd.callbacks._batch import BatchReader, UnpackBatch
-from pl_pathsgd.callbacks._common import SharedGraph, check_input_shape, is_number, metric_tensor, network_of
+from pl_pathsgd.callbacks._common import (
+    GraphCallback,
+    SharedGraph,
+    check_input_shape,
+    is_number,
+    metric_tensor,
+    network_of,
+)
 from pl_pathsgd.callbacks._observe import preserved_rng
-from pl_pathsgd.paths import PathGeometryError, PathGraph, rescalable_units
+from pl_pathsgd.paths import PathGeometryError, rescalable_units
 from pl_pathsgd.paths.balancing import (
     DEFAULT_MAX_SWEEPS,
     Rebalanced,
@@ -27,7 +33,7 @@ from pl_pathsgd.paths.balancing import (
 from pl_pathsgd.paths.norms import check_p
 
 
-class Rebalance(Callback):
+class Rebalance(GraphCallback):
     r"""Rescale the network's hidden units every ``every_n_steps`` optimizer steps or ``every_n_epochs`` epochs.
 
     A node-wise rescaling multiplies a hidden unit's incoming weights and bias by c > 0 and divides its
@@ -81,6 +87,8 @@ class Rebalance(Callback):
         unpack_batch: ``batch -> (inputs, targets)``, only needed to take the input shape from a batch.
     """
 
+    needs_logger = False  # it rescales whether or not a logger records how much
+
     def __init__(
         self,
         method: Literal["l2", "pathnorm"] = "l2",
@@ -128,11 +136,6 @@ class Rebalance(Callback):
         self.rebalances = 0
         self.last: Rebalanced | None = None
         self._warned: set[str] = set()
-
-    @property
-    def graph(self) -> PathGraph | None:
-        """The traced graph of the network in this fit (shared with PathSGD and the other callbacks)."""
-        return self._graph.graph
 
     @property
     @override
