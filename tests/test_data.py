@@ -33,6 +33,7 @@ from pl_pathsgd.data import (
     rgb_to_grayscale,
 )
 from tests.data_files import make_cifar, make_mnist, make_svhn, write_idx
+from tests.test_data_trust import Tiny
 
 CLOSED_PORT = "http://127.0.0.1:9/"  # discard port on the loopback interface; nothing listens there
 
@@ -289,26 +290,6 @@ def test_digits_downsample_and_values():
 
 def test_digits_trains_with_lightning(tmp_path):
     import lightning.pytorch as pl
-
-    class Tiny(pl.LightningModule):
-        def __init__(self, inputs, classes):
-            super().__init__()
-            self.layer = torch.nn.Linear(inputs, classes)
-
-        def training_step(self, batch, _):
-            x, y = batch
-            return F.cross_entropy(self.layer(x), y)
-
-        def validation_step(self, batch, _):
-            x, y = batch
-            self.log("val_loss", F.cross_entropy(self.layer(x), y))
-
-        def test_step(self, batch, _):
-            x, y = batch
-            self.log("test_acc", (self.layer(x).argmax(1) == y).float().mean())
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
 
     dm = DigitsDataModule(batch_size=50)
     model = Tiny(dm.input_dim, dm.num_classes)
