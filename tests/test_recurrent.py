@@ -12,6 +12,8 @@ import copy
 import math
 from collections import Counter
 
+from hypothesis import given
+from hypothesis import strategies as st
 import pytest
 import torch
 import torch.nn.functional as F
@@ -27,11 +29,12 @@ T, INPUTS, UNITS = 4, 2, 3
 class Recurrent(nn.Module):
     """nn.RNN (ReLU) read out at the last step (or at every step) by a Linear layer."""
 
-    def __init__(self, bias=True, batch_first=True, layers=1, every_step=False, seed=0):
+    def __init__(self, bias=True, batch_first=True, layers=1, every_step=False, seed=0, inputs=INPUTS, units=UNITS,
+                 outputs=2):
         super().__init__()
         torch.manual_seed(seed)
-        self.rnn = nn.RNN(INPUTS, UNITS, num_layers=layers, nonlinearity="relu", bias=bias, batch_first=batch_first)
-        self.out = nn.Linear(UNITS * (T if every_step else 1), 2, bias=bias)
+        self.rnn = nn.RNN(inputs, units, num_layers=layers, nonlinearity="relu", bias=bias, batch_first=batch_first)
+        self.out = nn.Linear(units * (T if every_step else 1), outputs, bias=bias)
         self.batch_first, self.every_step = batch_first, every_step
 
     def forward(self, x):
@@ -66,23 +69,24 @@ class HandWritten(nn.Module):
         return self.out(h)
 
 
-def paths(net: Recurrent):
+def paths(net: Recurrent, steps: int = T):
     """Every path of the unrolled network (one layer, read-out of the last state) as a list of (name, index)."""
     rnn, out = net.rnn, net.out
     bias = rnn.bias
+    units, inputs = rnn.hidden_size, rnn.input_size
 
     def continue_from(step: int, unit: int, edges: list):
         """Paths from unit ``unit`` of state ``step`` onwards."""
         for k in range(out.out_features):  # the read-out, at the last step
-            if step == T:
+            if step == steps:
                 yield edges + [("out.weight", (k, unit))]
-        if step < T:
-            for nxt in range(UNITS):
+        if step < steps:
+            for nxt in range(units):
                 yield from continue_from(step + 1, nxt, edges + [("rnn.weight_hh_l0", (nxt, unit))])
 
-    for step in range(1, T + 1):
-        for unit in range(UNITS):
-            for i in range(INPUTS):
+    for step in range(1, steps + 1):
+        for unit in range(units):
+            for i in range(inputs):
                 yield from continue_from(step, unit, [("rnn.weight_ih_l0", (unit, i))])
             if bias:
                 for name in ("rnn.bias_ih_l0", "rnn.bias_hh_l0"):
@@ -92,12 +96,12 @@ def paths(net: Recurrent):
             yield [("out.bias", (k,))]
 
 
-def enumerate_geometry(net: Recurrent, p: float):
+def enumerate_geometry(net: Recurrent, p: float, steps: int = T):
     values = {name: t.detach() for name, t in net.named_parameters()}
     total = 0.0
     kappa1 = {n: torch.zeros_like(t) for n, t in values.items()}
     kappa2 = {n: torch.zeros_like(t) for n, t in values.items()}
-    for path in paths(net):
+    for path in paths(net, steps):
         product = math.prod(abs(float(values[n][i])) ** p for n, i in path)
         total += product
         for (name, index), k in Counter(path).items():
@@ -142,6 +146,24 @@ def test_path_norm_and_both_kappas_equal_the_enumeration_of_every_path(bias, p):
         divisor = (value + kappa2[name]).pow(2 / p).clamp_min(torch.finfo(DTYPE).tiny)
         torch.testing.assert_close(before[name] - net.get_parameter(name), 0.1 * grads[name] / divisor,
                                    rtol=1e-10, atol=1e-14, msg=name)
+
+
+@given(inputs=st.integers(1, 2), units=st.integers(1, 3), outputs=st.integers(1, 2), steps=st.integers(1, 4),
+       bias=st.booleans(), p=st.sampled_from([1.0, 1.5, 2.0, 3.0]), seed=st.integers(0, 2**16))
+def test_generated_rnns_equal_the_enumeration_of_every_path(inputs, units, outputs, steps, bias, p, seed):
+    """Random sizes, lengths, biases and p: phi_p, every kappa1 divisor and the exact kappa2 of the recurrent
+    weights against the enumeration of every path of the unrolled network."""
+    net = shrink(Recurrent(bias=bias, seed=seed, inputs=inputs, units=units, outputs=outputs))
+    phi, kappa1, kappa2 = enumerate_geometry(net, p, steps)
+    shape = (steps, inputs)
+    assert float(P.path_norm(net, p, shape)) == pytest.approx(phi, rel=1e-10, abs=1e-300)
+    divisors = P.path_scaling(net, p, shape)
+    for name, value in kappa1.items():
+        torch.testing.assert_close(divisors[name], value.pow(2 / p).clamp_min(torch.finfo(DTYPE).tiny), rtol=1e-10,
+                                   atol=0, msg=name)
+    got1, got2 = recurrent_kappas(net, p, shape)["rnn.weight_hh_l0"]
+    torch.testing.assert_close(got1, kappa1["rnn.weight_hh_l0"], rtol=1e-10, atol=1e-300)
+    torch.testing.assert_close(got2, kappa2["rnn.weight_hh_l0"], rtol=1e-10, atol=1e-300)
 
 
 def test_a_near_identity_recurrence_makes_kappa2_large():
